@@ -1,0 +1,1 @@
+"""Kernels behind the dsgraph:: ops: one file per op family, its torch reference beside it."""

@@ -1,0 +1,2 @@
+"""The ``dsgraph::`` custom ops. Importing this package registers them and their kernels."""
+from . import attention, masks  # noqa: F401

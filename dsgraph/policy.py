@@ -1,0 +1,112 @@
+"""Backend policy: which kernel implementation serves each fused op, decided at compile time.
+
+A policy is an ordered backend preference per op. For every rewritten site the first backend whose
+kernel says it supports the site wins; the others are recorded in the report with their reasons.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Mapping
+
+BACKENDS = ("tilelang", "triton", "sdpa", "torch")
+PRESETS = ("auto", "reference", "triton", "tilelang")
+RESIDUALS = ("inductor", "eager")
+ENV_VAR = "DSGRAPH_POLICY"
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """Per-op ordered backend preference.
+
+    - ``order``: default preference for every op, e.g. ``("tilelang", "triton", "sdpa", "torch")``.
+    - ``ops``: per-op overrides, e.g. ``{"attention": ("triton", "torch")}``.
+    - ``forced``: the user named these backends (preset "triton"/"tilelang"/"reference" or an explicit
+      order): when none of them can serve a site, ``strict`` raises, otherwise the remaining backends
+      are tried with a logged warning.
+    - ``residual``: what compiles the graph left after rewriting: ``"inductor"`` or ``"eager"`` (debugging).
+    - ``disabled_passes``: pass names not to run.
+    """
+
+    order: tuple[str, ...] = BACKENDS
+    ops: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    forced: bool = False
+    strict: bool = False
+    residual: str = "inductor"
+    disabled_passes: frozenset[str] = frozenset()
+    name: str = "auto"
+
+    def __post_init__(self):
+        for backends in (self.order, *self.ops.values()):
+            _check_backends(backends)
+        if self.residual not in RESIDUALS:
+            raise ValueError(f"Policy.residual must be one of {RESIDUALS}, got {self.residual!r}")
+        object.__setattr__(self, "disabled_passes", frozenset(self.disabled_passes))
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "Policy":
+        """``auto``: fastest available first; ``reference``: torch only; ``triton``/``tilelang``: forced."""
+        if name == "auto":
+            return cls(name=name, **overrides)
+        if name == "reference":
+            return cls(order=("torch",), forced=True, name=name, **overrides)
+        if name in ("triton", "tilelang"):
+            return cls(order=(name,), forced=True, name=name, **overrides)
+        raise ValueError(f"unknown policy preset {name!r}; accepted presets: {', '.join(PRESETS)}")
+
+    @classmethod
+    def parse(cls, spec: str) -> "Policy":
+        """Parse ``DSGRAPH_POLICY`` syntax: ``PRESET[;op=b1,b2][;strict][;residual=eager]``.
+
+        Examples: ``triton``, ``auto;attention=triton,torch``, ``reference;residual=eager``,
+        ``triton;strict``.
+        """
+        parts = [p.strip() for p in spec.split(";") if p.strip()]
+        if not parts:
+            raise ValueError(f"{ENV_VAR} is empty; accepted: PRESET[;op=b1,b2][;strict][;residual=eager]")
+        preset, opts = parts[0], parts[1:]
+        fields: dict = {"ops": {}}
+        for opt in opts:
+            if opt == "strict":
+                fields["strict"] = True
+            elif "=" in opt:
+                key, value = (s.strip() for s in opt.split("=", 1))
+                if key == "residual":
+                    fields["residual"] = value
+                elif key == "disable":
+                    fields["disabled_passes"] = frozenset(v.strip() for v in value.split(","))
+                else:
+                    fields["ops"][key] = tuple(v.strip() for v in value.split(","))
+            else:
+                raise ValueError(f"cannot parse {opt!r} in policy {spec!r}; accepted: "
+                                 "PRESET[;op=b1,b2][;strict][;residual=eager][;disable=pass1,pass2]")
+        return cls.preset(preset, **fields)
+
+    def backends_for(self, op: str) -> tuple[str, ...]:
+        return tuple(self.ops.get(op, self.order))
+
+    def is_forced(self, op: str) -> bool:
+        return self.forced or op in self.ops
+
+
+def _check_backends(backends) -> None:
+    if not backends:
+        raise ValueError(f"a backend order must name at least one of {BACKENDS}")
+    for b in backends:
+        if b not in BACKENDS:
+            raise ValueError(f"unknown backend {b!r}; accepted backends: {', '.join(BACKENDS)}")
+
+
+def resolve_policy(policy: "Policy | str | None") -> Policy:
+    """The effective policy: ``DSGRAPH_POLICY`` overrides the argument (so a deployed model can be
+    switched to the reference path without code changes)."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Policy.parse(env)
+    if policy is None:
+        return Policy.preset("auto")
+    if isinstance(policy, Policy):
+        return policy
+    if isinstance(policy, str):
+        return Policy.parse(policy)
+    raise TypeError(f"policy must be a dsgraph.Policy or a preset name {PRESETS}, got {type(policy).__name__}")
