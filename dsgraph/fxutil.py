@@ -13,9 +13,6 @@ aten = torch.ops.aten
 
 CASTS = {aten.to.dtype, aten._to_copy.default, aten.type_as.default, aten.to.dtype_layout,
          aten.to.device, aten.clone.default, aten.contiguous.default, aten.alias.default}
-FACTORIES = {aten.arange.default, aten.arange.start, aten.arange.start_step, aten.full.default,
-             aten.ones.default, aten.zeros.default, aten.scalar_tensor.default, aten.eye.default,
-             aten.lift_fresh_copy.default}
 _NONDETERMINISTIC = {aten.rand.default, aten.randn.default, aten.randint.low, aten.randint.default,
                      aten.empty.memory_format, aten.empty_like.default, aten.bernoulli.default,
                      aten.dropout.default, aten.native_dropout.default, aten.empty_strided.default,

@@ -2,14 +2,10 @@
 
     python examples/deepseek_v32.py
 """
-import os
-import sys
-
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-from models import DeepseekV32Config, DeepseekV32ForCausalLM, compute_indexer_kl_loss  # noqa: E402
+import dsgraph
+from dsgraph.models import DeepseekV32Config, DeepseekV32ForCausalLM, compute_indexer_kl_loss
 
 torch.manual_seed(0)
 config = DeepseekV32Config.tiny(index_topk=8)
@@ -21,9 +17,8 @@ kl = compute_indexer_kl_loss(out.indexer_scores, out.indexer_kl_targets)
 print(f"logits {tuple(out.logits.shape)}  LM loss {out.loss.item():.4f}  indexer KL loss {kl.item():.4f}")
 print("greedy:", model.generate(ids[:1, :8], max_new_tokens=8)[0].tolist())
 
-import dsgraph  # noqa: E402
-
 opt = dsgraph.optimize(model)
 with torch.no_grad():
-    torch.testing.assert_close(opt(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+    error = (opt(ids).logits - model(ids).logits).abs().max().item()
 print(dsgraph.explain(opt))
+print(f"max |logits - eager logits| = {error:.2e}")

@@ -10,8 +10,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-import models.deepseek_v32 as dsv32
-from models import (CheckpointError, DeepseekV32Config, DeepseekV32ForCausalLM, compute_indexer_kl_loss,
+import dsgraph.models.deepseek_v32 as dsv32
+from dsgraph.models import (CheckpointError, DeepseekV32Config, DeepseekV32ForCausalLM, compute_indexer_kl_loss,
                     hadamard_transform_torch, mla_attention, mla_attention_absorbed)
 
 CFG = DeepseekV32Config.tiny()

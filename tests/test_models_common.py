@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.common import (MLP, LayerNorm, MoE, MoEGate, RMSNorm, apply_rope_half, apply_rope_interleaved,
+from dsgraph.models.common import (MLP, LayerNorm, MoE, MoEGate, RMSNorm, apply_rope_half, apply_rope_interleaved,
                            dequantize_fp8_blockwise, rope_freqs_cis, yarn_inv_freq, yarn_mscale)
 
 

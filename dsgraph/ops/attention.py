@@ -114,10 +114,6 @@ def _sdpa_backward(q, k, v, out, lse, dout, **kw):
     return attention_sdpa_backward(q, k, v, dout, **kw)
 
 
-def _tilelang_unsupported(q, k, v, **kw):
-    return "no TileLang attention kernel yet (planned with the attention-performance work)"
-
-
 register_kernel(KernelImpl("attention", "torch", _torch_forward, _torch_backward,
                            unsupported=lambda q, k, v, **kw: None))
 register_kernel(KernelImpl("attention", "triton", _triton_forward, _triton_backward,

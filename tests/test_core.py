@@ -1,0 +1,111 @@
+"""Policy, pipeline ordering, report and the end-to-end optimize()/torch.compile paths."""
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import dsgraph
+from dsgraph.pipeline import Pass, PipelineError, order_passes
+from dsgraph.policy import Policy, resolve_policy
+
+
+class TinyAttention(nn.Module):
+    """x [B, S, D] -> [B, S, D]: GQA (2 kv heads for 4 query heads), causal, fp32 softmax."""
+
+    def __init__(self, dim=32):
+        super().__init__()
+        self.q, self.kv, self.o = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, S, D = x.shape
+        q = self.q(x).view(B, S, 4, 8).transpose(1, 2)
+        k, v = self.kv(x).view(B, S, 2, 2, 8).permute(2, 0, 3, 1, 4)
+        k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+        scores = torch.einsum("bhsd,bhtd->bhst", q, k) / 8 ** 0.5
+        scores = scores + torch.full((S, S), float("-inf"), device=x.device).triu(1)
+        return self.o((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, S, D))
+
+
+def _named(name, needs=(), provides=()):
+    return type(name, (Pass,), {"name": name, "needs": needs, "provides": provides,
+                                "run": lambda self, gm, ctx: None})()
+
+
+def test_pipeline_orders_by_needs_and_provides():
+    a, b, c = _named("a", needs=("x",)), _named("b", provides=("x",), needs=("y",)), _named("c", provides=("y",))
+    assert [p.name for p in order_passes([a, b, c])] == ["c", "b", "a"]
+
+
+def test_pipeline_cycle_is_a_clear_error():
+    with pytest.raises(PipelineError, match="cycle: a -> b -> a|cycle: b -> a -> b"):
+        order_passes([_named("a", needs=("x",), provides=("y",)), _named("b", needs=("y",), provides=("x",))])
+
+
+def test_policy_presets_env_and_errors(monkeypatch):
+    assert Policy.preset("auto").backends_for("attention") == ("tilelang", "triton", "sdpa", "torch")
+    forced = Policy.parse("triton;strict;attention=triton,torch;residual=eager")
+    assert forced.strict and forced.residual == "eager" and forced.backends_for("attention") == ("triton", "torch")
+    with pytest.raises(ValueError, match="accepted presets: auto, reference, triton, tilelang"):
+        Policy.preset("fast")
+    with pytest.raises(ValueError, match="unknown backend 'cuda'; accepted backends"):
+        Policy(order=("cuda",))
+    monkeypatch.setenv("DSGRAPH_POLICY", "reference")
+    assert resolve_policy("triton").name == "reference"  # the environment overrides the argument
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(TypeError, match="optimize\\(\\) takes an nn.Module or a function"):
+        dsgraph.optimize(3)
+    with pytest.raises(TypeError, match="verify must be True or False"):
+        dsgraph.optimize(TinyAttention(), verify="yes")
+    with pytest.raises(TypeError, match="explain\\(\\) takes what dsgraph.optimize\\(\\) returned"):
+        dsgraph.explain(TinyAttention())
+    with pytest.raises(Exception, match="unknown dsgraph option"):
+        torch.compile(lambda x: x + 1, backend="dsgraph", options={"polcy": "auto"})(torch.ones(2))
+
+
+def test_optimize_module_trains_like_eager_through_inductor():
+    """The one end-to-end Inductor compile of the suite: forward and backward of a module."""
+    torch.manual_seed(0)
+    model = TinyAttention()
+    opt = dsgraph.optimize(model, verify=True)
+    assert isinstance(opt, nn.Module) and opt is not model
+    assert list(opt.state_dict()) == list(model.state_dict())
+    assert all(a is b for a, b in zip(opt.parameters(), model.parameters()))
+    x = torch.randn(2, 6, 32)
+    out = opt(x)
+    out.square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    expected = model(x)
+    expected.square().sum().backward()
+    torch.testing.assert_close(out, expected)
+    for got, want in zip(grads, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(got, want)
+    report = dsgraph.explain(opt)
+    assert report.count("attention") == 1 and report.count("masks") == 1, report
+    site = [r for r in report.rewrites if r.op == "attention"][0]
+    assert site.verified and "GQA x2" in site.detail and "band" in site.detail
+    assert "test_core.py" in site.location
+
+
+def test_compile_backend_with_triton_kernels(caplog):
+    """torch.compile(backend="dsgraph") with the Triton kernels (interpreter on CPU), eager residual."""
+    model = TinyAttention()
+    report = dsgraph.Report()
+    compiled = torch.compile(model, backend="dsgraph",
+                             options={"policy": "triton;residual=eager", "report": report})
+    x = torch.randn(1, 5, 32, requires_grad=True)
+    with caplog.at_level(logging.INFO, logger="dsgraph"):
+        out = compiled(x)
+    assert any("rewrote" in r.message for r in caplog.records)
+    out.sum().backward()
+    grad = x.grad.clone()
+    x.grad = None
+    expected = model(x)
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(grad, x.grad)
+    (site,) = [r for r in report.rewrites if r.op == "attention"]
+    assert site.backend == "triton", report

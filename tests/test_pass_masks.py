@@ -1,0 +1,91 @@
+"""The masks pass: every way of writing a band is recognised exactly; anything else is left alone."""
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from dsgraph.ops.masks import band_allowed
+from dsgraph.passes.masks import MaskPass, classify
+from dsgraph.testing import rewrite
+
+
+@st.composite
+def bands(draw):
+    rows, cols = draw(st.integers(1, 12)), draw(st.integers(1, 12))
+    lower = draw(st.one_of(st.none(), st.integers(-12, 12)))
+    upper = draw(st.one_of(st.none(), st.integers(-12, 12)))
+    return rows, cols, lower, upper
+
+
+@given(bands(), st.sampled_from(["bool", "blocked", "additive_inf", "additive_min"]))
+def test_classify_recovers_any_band(band, form):
+    rows, cols, lower, upper = band
+    allowed = band_allowed(rows, cols, lower, upper, "cpu")
+    value = {"bool": allowed, "blocked": ~allowed,
+             "additive_inf": torch.zeros(rows, cols).masked_fill(~allowed, float("-inf")),
+             "additive_min": torch.zeros(rows, cols).masked_fill(~allowed, torch.finfo(torch.float32).min)}[form]
+    spec = classify(value[None, None], prefer_blocked=form == "blocked")
+    if allowed.all() or not allowed.any():
+        assert spec is None  # masks nothing / everything: not a band to fold
+        return
+    assert spec is not None
+    r, c, lo, hi, _fill, invert = spec
+    assert (r, c) == (rows, cols)
+    assert torch.equal(band_allowed(rows, cols, lo, hi, "cpu"), ~value if invert else
+                       (value if form == "bool" else value == 0))
+
+
+@given(st.integers(3, 8), st.integers(3, 8), st.integers(0, 2 ** 16))
+def test_classify_rejects_what_is_not_a_band(rows, cols, seed):
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(rows, cols, generator=g)
+    assert classify(noise) is None  # a bias (ALiBi-like), not a mask
+    checker = (torch.arange(rows)[:, None] + torch.arange(cols)[None]) % 2 == 0
+    assert classify(checker) is None
+
+
+WRITERS = {
+    "full_triu": lambda S, T, w: torch.full((S, T), float("-inf")).triu(T - S + 1),
+    "ones_tril_bool": lambda S, T, w: torch.ones(S, T, dtype=torch.bool).tril(T - S),
+    "arange_window": lambda S, T, w: ((torch.arange(T)[None] <= torch.arange(S)[:, None] + T - S)
+                                      & (torch.arange(S)[:, None] + T - S - torch.arange(T)[None] < w)),
+    "where_min": lambda S, T, w: torch.where(torch.ones(S, T).tril(T - S) > 0, 0.0, torch.finfo(torch.float32).min),
+}
+
+
+@pytest.mark.parametrize("writer", sorted(WRITERS))
+@given(st.integers(1, 10), st.integers(0, 6), st.integers(1, 5))
+def test_written_masks_fold_and_compute_the_same(writer, queries, extra_keys, window):
+    keys = queries + extra_keys
+
+    def fn(x):
+        mask = WRITERS[writer](queries, keys, window)
+        return mask * 1.0 + x if mask.dtype != torch.bool else torch.where(mask, x, 0.0)
+
+    x = torch.randn(queries, keys)
+    gm, report = rewrite(fn, [x], passes=[MaskPass()])
+    allowed = WRITERS[writer](queries, keys, window)
+    allowed = allowed if allowed.dtype == torch.bool else allowed == 0
+    folds = bool(not allowed.all() and allowed.any())
+    assert report.count("masks") == int(folds), report
+    if folds:
+        assert any(n.target is torch.ops.dsgraph.band_mask.default for n in gm.graph.nodes)
+    torch.testing.assert_close(gm(x), fn(x))
+
+
+def test_topk_scatter_becomes_an_index_mask():
+    def fn(scores, idx):
+        return scores + torch.full(scores.shape, float("-inf")).scatter_(-1, idx, 0)
+
+    scores, idx = torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5, 3))
+    gm, report = rewrite(fn, [scores, idx], passes=[MaskPass()])
+    assert report.count("masks") == 1 and report.rewrites[0].op == "topk_mask"
+    torch.testing.assert_close(gm(scores, idx), fn(scores, idx))
+
+
+def test_constants_that_are_not_masks_are_left_alone():
+    def fn(x):
+        positions = torch.arange(6)[:, None] * torch.arange(4)[None].float()  # a RoPE-like table
+        return x + positions.sin()
+
+    gm, report = rewrite(lambda x: fn(x), [torch.randn(6, 4)], passes=[MaskPass()])
+    assert report.count("masks") == 0
