@@ -11,7 +11,7 @@ from dsgraph.policy import Policy, resolve_policy
 
 
 class TinyAttention(nn.Module):
-    """x [B, S, D] -> [B, S, D]: GQA (2 kv heads for 4 query heads), causal, fp32 softmax."""
+    """x [B, S, D] -> [B, S, D]: GQA (2 kv heads for 4 query heads of D/4), causal, fp32 softmax."""
 
     def __init__(self, dim=32):
         super().__init__()
@@ -19,10 +19,10 @@ class TinyAttention(nn.Module):
 
     def forward(self, x):
         B, S, D = x.shape
-        q = self.q(x).view(B, S, 4, 8).transpose(1, 2)
-        k, v = self.kv(x).view(B, S, 2, 2, 8).permute(2, 0, 3, 1, 4)
+        q = self.q(x).view(B, S, 4, D // 4).transpose(1, 2)
+        k, v = self.kv(x).view(B, S, 2, 2, D // 4).permute(2, 0, 3, 1, 4)
         k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
-        scores = torch.einsum("bhsd,bhtd->bhst", q, k) / 8 ** 0.5
+        scores = torch.einsum("bhsd,bhtd->bhst", q, k) / (D // 4) ** 0.5
         scores = scores + torch.full((S, S), float("-inf"), device=x.device).triu(1)
         return self.o((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, S, D))
 
@@ -109,3 +109,20 @@ def test_compile_backend_with_triton_kernels(caplog):
     torch.testing.assert_close(grad, x.grad)
     (site,) = [r for r in report.rewrites if r.op == "attention"]
     assert site.backend == "triton", report
+
+
+@pytest.mark.gpu
+def test_optimize_on_gpu_runs_the_triton_kernels_forward_and_backward():
+    torch.manual_seed(0)
+    model = TinyAttention(dim=256).cuda().to(torch.bfloat16)
+    opt = dsgraph.optimize(model)
+    x = torch.randn(2, 300, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    out = opt(x)
+    out.float().square().sum().backward()
+    grad = x.grad.clone()
+    x.grad = None
+    expected = model(x)
+    expected.float().square().sum().backward()
+    dsgraph.testing.assert_equivalent([out, grad], [expected, x.grad])
+    (site,) = [r for r in dsgraph.explain(opt).rewrites if r.op == "attention"]
+    assert site.backend == "triton", dsgraph.explain(opt)

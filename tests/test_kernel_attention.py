@@ -85,10 +85,9 @@ def naive(c: Case):
     s = s.masked_fill(~allowed, -math.inf)
     if sink is not None:
         s = torch.cat([s, sink.view(1, hq, 1, 1).expand(batch, hq, seq, 1)], -1)
-    p = torch.softmax(s, -1)
-    empty = p[..., 0].isnan()
-    out = p.nan_to_num(0.0)[..., :keys] @ v.repeat_interleave(group, 1)
-    out = out.masked_fill(empty[..., None], math.nan)
+    empty = (s == -math.inf).all(-1, keepdim=True)  # softmax of such a row is NaN, also its gradient
+    p = torch.softmax(s.masked_fill(empty, 0.0), -1).masked_fill(empty, 0.0)
+    out = (p[..., :keys] @ v.repeat_interleave(group, 1)).masked_fill(empty, math.nan)
     leaves = [q, k, v] + ([sink] if sink is not None else [])
     grads = torch.autograd.grad(out, leaves, c.dout.double())
     return out, torch.logsumexp(s, -1), grads

@@ -1,0 +1,139 @@
+"""Eager vs plain torch.compile vs dsgraph on eager attention (GPU).
+
+    python benchmarks/attention.py [--seqs 1024,2048,4096,8192,16384] [--markdown FILE]
+
+B=1, 32 query / 8 kv heads x 128, bf16. Eager is written as models write it: repeat_kv, an additive
+-inf mask built with triu (the window from two triu's, the sink as an extra softmax column), fp32
+softmax. "causal" has no window; "window+sink" a 1024-key sliding window and a per-head sink.
+Times are medians of triton.testing.do_bench; fwd+bwd is out.backward(dout) after the forward.
+TFLOP/s counts the visible (unmasked) score entries only: 4*B*H*D per entry forward, 2.5x that
+backward, so every column is measured against the same useful work.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import subprocess
+import sys
+
+import torch
+import triton
+
+import dsgraph
+
+B, HQ, HKV, D, WINDOW = 1, 32, 8, 128, 1024
+H100_BF16_PEAK = 989.0  # TFLOP/s, dense bf16 (SXM datasheet)
+
+
+def eager_attention(q, k, v, sinks, *, window: int | None):
+    """q [B, Hq, S, D], k/v [B, Hkv, S, D], sinks [Hq] or None -> [B, Hq, S, D]."""
+    batch, heads, seq, dim = q.shape
+    group = heads // k.shape[1]
+    k = k[:, :, None].expand(batch, k.shape[1], group, seq, dim).reshape(batch, heads, seq, dim)
+    v = v[:, :, None].expand(batch, v.shape[1], group, seq, dim).reshape(batch, heads, seq, dim)
+    scores = (q @ k.transpose(-2, -1)).float() * dim ** -0.5
+    mask = torch.full((seq, seq), float("-inf"), device=q.device).triu(1)
+    if window is not None:
+        mask = mask + torch.full((seq, seq), float("-inf"), device=q.device).tril(-window)
+    scores = scores + mask
+    if sinks is not None:
+        scores = torch.cat([scores, sinks.float().view(1, heads, 1, 1).expand(batch, heads, seq, 1)], dim=-1)
+    probs = torch.softmax(scores, dim=-1)
+    if sinks is not None:
+        probs = probs[..., :-1]
+    return probs.to(v.dtype) @ v
+
+
+def visible_pairs(seq: int, window: int | None) -> int:
+    if window is None:
+        return seq * (seq + 1) // 2
+    return sum(min(i + 1, window) for i in range(seq))
+
+
+def measure(fn, args, backward: bool):
+    try:
+        if backward:
+            out = fn(*args)
+            dout = torch.randn_like(out)
+
+            def step():
+                for a in args:
+                    if isinstance(a, torch.Tensor):
+                        a.grad = None
+                fn(*args).backward(dout)
+        else:
+            def step():
+                with torch.no_grad():
+                    fn(*args)
+        step()
+        ms = triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
+        torch.cuda.synchronize()
+        return ms
+    except torch.OutOfMemoryError:
+        return None
+    finally:
+        torch.cuda.empty_cache()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seqs", default="1024,2048,4096,8192,16384")
+    parser.add_argument("--markdown", default=None, help="also write the table to this file")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/attention.py needs a CUDA GPU")
+    seqs = [int(s) for s in args.seqs.split(",")]
+    device = torch.device("cuda")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    gpu = torch.cuda.get_device_name()
+    rows = []
+    header = ("| case | S | pass | eager ms | torch.compile ms | dsgraph ms | vs eager | vs compile | "
+              "dsgraph TFLOP/s (% of 989) | SDPA ms | dsgraph backend |")
+    print(header, flush=True)
+    for case, window, with_sink in (("causal", None, False), ("window+sink", WINDOW, True)):
+        for seq in seqs:
+            torch.manual_seed(0)
+            q = torch.randn(B, HQ, seq, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+            k = torch.randn(B, HKV, seq, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+            v = torch.randn(B, HKV, seq, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+            sinks = torch.randn(HQ, device=device, requires_grad=True) if with_sink else None
+            inputs = (q, k, v, sinks)
+
+            def fn(q, k, v, sinks):
+                return eager_attention(q, k, v, sinks, window=window)
+
+            compiled = torch.compile(fn)
+            optimized = dsgraph.optimize(fn)
+            flops = 4 * B * HQ * D * visible_pairs(seq, window)
+            for backward in (False, True):
+                times = [measure(f, inputs, backward) for f in (fn, compiled, optimized)]
+                sdpa = None
+                if window is None:
+                    sdpa = measure(lambda q, k, v, s: torch.nn.functional.scaled_dot_product_attention(
+                        q, k, v, is_causal=True, enable_gqa=True), inputs, backward)
+                eager_ms, compile_ms, ds_ms = times
+                work = flops * (3.5 if backward else 1.0)
+                report = dsgraph.explain(optimized)
+                backend = ",".join(sorted({r.backend for r in report.rewrites if r.op == "attention"})) or "none"
+                fmt = lambda t: "OOM" if t is None else f"{t:.2f}"  # noqa: E731
+                ratio = lambda a, b: "-" if a is None or b is None else f"{a / b:.1f}x"  # noqa: E731
+                tflops = "-" if ds_ms is None else f"{work / ds_ms / 1e9:.0f} ({work / ds_ms / 1e9 / H100_BF16_PEAK:.0%})"
+                row = (f"| {case} | {seq} | {'fwd+bwd' if backward else 'fwd'} | {fmt(eager_ms)} | {fmt(compile_ms)} | "
+                       f"{fmt(ds_ms)} | {ratio(eager_ms, ds_ms)} | {ratio(compile_ms, ds_ms)} | {tflops} | "
+                       f"{fmt(sdpa) if window is None else 'cannot express'} | {backend} |")
+                rows.append(row)
+                print(row, flush=True)
+            del q, k, v, sinks, inputs, compiled, optimized
+            torch._dynamo.reset()
+            torch.cuda.empty_cache()
+    title = (f"Attention, {gpu}, torch {torch.__version__}, triton {triton.__version__}, "
+             f"{datetime.date.today()}, commit {commit}; B={B}, {HQ}/{HKV} heads x {D}, bf16, window {WINDOW}")
+    table = "\n".join([title, "", header, "|" + "---|" * (header.count("|") - 1)] + rows)
+    print("\n" + table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
