@@ -78,6 +78,7 @@ def measure(fn, args, backward: bool):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqs", default="1024,2048,4096,8192,16384")
+    parser.add_argument("--cases", default="causal,window+sink")
     parser.add_argument("--markdown", default=None, help="also write the table to this file")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -90,7 +91,8 @@ def main():
     header = ("| case | S | pass | eager ms | torch.compile ms | dsgraph ms | vs eager | vs compile | "
               "dsgraph TFLOP/s (% of 989) | SDPA ms | dsgraph backend |")
     print(header, flush=True)
-    for case, window, with_sink in (("causal", None, False), ("window+sink", WINDOW, True)):
+    cases = [c for c in (("causal", None, False), ("window+sink", WINDOW, True)) if c[0] in args.cases.split(",")]
+    for case, window, with_sink in cases:
         for seq in seqs:
             torch.manual_seed(0)
             q = torch.randn(B, HQ, seq, D, device=device, dtype=torch.bfloat16, requires_grad=True)

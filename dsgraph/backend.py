@@ -1,7 +1,7 @@
 """``optimize()``, ``explain()`` and the ``torch.compile(backend="dsgraph")`` backend."""
 from __future__ import annotations
 
-import copy
+import contextlib
 import functools
 import logging
 from typing import Any, Callable, Optional, Sequence
@@ -23,6 +23,26 @@ def default_passes() -> list[Pass]:
     return passes()
 
 
+def _saved_tensors_hooks_off():
+    """Saved-tensor hooks (``torch.utils.checkpoint``'s, when the compiled module runs under
+    activation checkpointing) must not see the tensors our tracing and ``verify`` save: the first
+    forward would then save more tensors than its recomputation and checkpoint raises. AOTAutograd
+    traces under the same guard."""
+    off = getattr(torch._dynamo.utils, "_disable_saved_tensors_hooks_during_tracing", None)
+    return off() if off is not None else contextlib.nullcontext()
+
+
+def _reject_checkpointed_regions(gm: fx.GraphModule) -> None:
+    """``torch.utils.checkpoint`` traced by Dynamo is a higher-order op whose body the passes cannot
+    see into (nor trace pre-dispatch): say how to compose instead of failing inside the tracer."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and "activation_checkpoint" in str(getattr(node.target, "__name__", node.target)):
+            raise NotImplementedError(
+                "dsgraph: the optimized module runs torch.utils.checkpoint inside the compiled region "
+                f"({node.target}); apply activation checkpointing around the optimized module instead: "
+                "checkpoint_wrapper(dsgraph.optimize(block)) (see README, Distributed training)")
+
+
 def dsgraph_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: Optional[dict] = None,
                     mode: Optional[str] = None):
     """A torch.compile backend: trace to ATen, run the passes, hand the rest to Inductor.
@@ -40,17 +60,20 @@ def dsgraph_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, option
     report.graphs += 1
     passes = options.get("passes") or default_passes()
 
-    aten_gm = trace_aten(gm, example_inputs)
-    input_grads = [isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs]
-    requires_grad = frozenset(requires_grad_nodes(aten_gm.graph, input_grads))
-    run_passes(aten_gm, passes, policy, report, verify=bool(options.get("verify")),
-               graph_id=report.graphs, requires_grad=requires_grad)
+    _reject_checkpointed_regions(gm)
+    with _saved_tensors_hooks_off():
+        aten_gm = trace_aten(gm, example_inputs)
+        input_grads = [isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs]
+        requires_grad = frozenset(requires_grad_nodes(aten_gm.graph, input_grads))
+        run_passes(aten_gm, passes, policy, report, verify=bool(options.get("verify")),
+                   graph_id=report.graphs, requires_grad=requires_grad)
     log.info("dsgraph: graph %d: %d op(s) after rewriting, residual -> %s",
              report.graphs, len(aten_gm.graph.nodes), policy.residual)
     if policy.residual == "eager":
         return aten_gm
+    from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
-    return compile_fx(aten_gm, example_inputs, mode=mode) if mode else compile_fx(aten_gm, example_inputs)
+    return compile_fx(aten_gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)
 
 
 class _OptimizedFunction:
@@ -61,6 +84,25 @@ class _OptimizedFunction:
 
     def __call__(self, *args, **kwargs):
         return self._compiled(*args, **kwargs)
+
+
+def _shallow_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A new module object of the same class sharing ``module.__dict__``'s values (``_parameters``,
+    ``_buffers``, ``_modules`` and the hook dicts: same parameters, same ``state_dict`` keys).
+
+    Not ``copy.copy``: it goes through ``cls.__new__``, which ``fully_shard``'s ``FSDPModule``
+    overrides to construct (and ``__init__``) the unsharded class. A module managed by a composable
+    distributed API (``fully_shard``, ``replicate``, composable ``checkpoint``) finds its state by
+    module identity, so the copy is registered under the same state: ``copy.unshard()``,
+    ``copy.set_requires_gradient_sync(...)`` act on the original's parameters."""
+    clone = object.__new__(type(module))
+    clone.__dict__.update(module.__dict__)
+    if torch.distributed.is_available():
+        from torch.distributed._composable_state import _get_module_state, _insert_module_state
+        state = _get_module_state(module)
+        if state is not None and _get_module_state(clone) is None:
+            _insert_module_state(clone, state)
+    return clone
 
 
 def optimize(model_or_fn: Callable, *, policy: "Policy | str" = "auto", verify: bool = False,
@@ -84,7 +126,7 @@ def optimize(model_or_fn: Callable, *, policy: "Policy | str" = "auto", verify: 
         options["passes"] = list(passes)
     backend = functools.partial(dsgraph_backend, options=options)
     if isinstance(model_or_fn, torch.nn.Module):
-        module = copy.copy(model_or_fn)  # shares _parameters/_buffers/_modules: same state_dict
+        module = _shallow_copy(model_or_fn)  # shares _parameters/_buffers/_modules: same state_dict
         module.compile(backend=backend, dynamic=False)
         module.dsgraph_report = report
         return module

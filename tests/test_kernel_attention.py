@@ -18,6 +18,9 @@ from dsgraph.kernels.attention_triton import (attention_triton, attention_triton
                                               triton_unsupported_reason)
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: the Triton interpreter
+
+
 @dataclass
 class Case:
     q: torch.Tensor
@@ -29,7 +32,7 @@ class Case:
 
 
 @st.composite
-def cases(draw, dtypes=(torch.float32, torch.bfloat16), with_topk=False):
+def cases(draw, dtypes=(torch.float32, torch.bfloat16), with_topk=False, device=DEVICE):
     batch, hkv, group = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.sampled_from([1, 2, 3]))
     seq, keys = draw(st.integers(1, 40)), draw(st.integers(1, 40))
     dim = draw(st.sampled_from([16, 32, 48]))
@@ -43,7 +46,7 @@ def cases(draw, dtypes=(torch.float32, torch.bfloat16), with_topk=False):
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
 
     def randn(*shape):
-        return torch.randn(*shape, generator=gen)
+        return torch.randn(*shape, generator=gen).to(device)
 
     # q is a permuted view of [B, S, H, D] half of the time: kernels must honour its strides.
     if draw(st.booleans()):
@@ -56,10 +59,11 @@ def cases(draw, dtypes=(torch.float32, torch.bfloat16), with_topk=False):
                                        (batch, hq, seq, keys), (keys,)]))
     bias = None
     if bias_shape is not None:  # padding-style -inf entries; some rows may end up with no key
-        bias = randn(*bias_shape).masked_fill(torch.rand(*bias_shape, generator=gen) < 0.2, -math.inf)
+        blocked = torch.rand(*bias_shape, generator=gen).to(device) < 0.2
+        bias = randn(*bias_shape).masked_fill(blocked, -math.inf)
     topk = None
     if with_topk and draw(st.booleans()):
-        topk = torch.randint(0, keys, (batch, seq, draw(st.integers(1, 6))), generator=gen)
+        topk = torch.randint(0, keys, (batch, seq, draw(st.integers(1, 6))), generator=gen).to(device)
     kw = dict(scale=dim ** -0.5, sink=sink, bias=bias, lower=lower, upper=upper)
     return Case(q, k, v, randn(batch, hq, seq, dim_v).to(dtype), kw, topk)
 
@@ -125,7 +129,7 @@ def test_triton_matches_reference(c: Case):
 
 
 @settings(deadline=None)
-@given(cases(dtypes=(torch.float32,), with_topk=True), st.sampled_from([1, 7, 128]))
+@given(cases(dtypes=(torch.float32,), with_topk=True, device="cpu"), st.sampled_from([1, 7, 128]))
 def test_reference_matches_naive(c: Case, block_q: int):
     kw = dict(c.kw, topk=c.topk, block_q=block_q)
     out, lse = attention_ref(c.q, c.k, c.v, **kw)
@@ -137,11 +141,11 @@ def test_reference_matches_naive(c: Case, block_q: int):
 
 
 def test_row_without_keys_is_nan_with_zero_gradients():
-    q, k, v = torch.randn(1, 2, 5, 16), torch.randn(1, 1, 7, 16), torch.randn(1, 1, 7, 16)
-    bias = torch.zeros(1, 1, 5, 7)
+    q, k, v, dout = (torch.randn(*s, device=DEVICE) for s in ((1, 2, 5, 16), (1, 1, 7, 16), (1, 1, 7, 16),
+                                                              (1, 2, 5, 16)))
+    bias = torch.zeros(1, 1, 5, 7, device=DEVICE)
     bias[..., 2, :] = -math.inf  # query row 2 sees no key
     kw = dict(scale=0.25, bias=bias, upper=0)
-    dout = torch.randn(1, 2, 5, 16)
     for fwd, bwd in ((attention_ref, attention_ref_backward), (attention_triton, attention_triton_backward)):
         out, lse = fwd(q, k, v, **kw)
         assert out[:, :, 2].isnan().all() and (lse[:, :, 2] == -math.inf).all()
@@ -152,19 +156,20 @@ def test_row_without_keys_is_nan_with_zero_gradients():
 
 
 def test_unsupported_reasons():
-    q, k, v = torch.randn(1, 4, 8, 32), torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32)
-    assert triton_unsupported_reason(q, k, v, sink=None, bias=None, lower=None, upper=0, topk=None) is None
-    topk = torch.zeros(1, 8, 2, dtype=torch.long)
-    assert "topk" in triton_unsupported_reason(q, k, v, sink=None, bias=None, lower=None, upper=None, topk=topk)
-    big = torch.randn(1, 4, 8, 512)
-    assert "head dim 512 > 256" == triton_unsupported_reason(big, big[:, :2], big[:, :2], sink=None, bias=None,
-                                                             lower=None, upper=None, topk=None)
-    reason = triton_unsupported_reason(q.double(), k.double(), v.double(), sink=None, bias=None, lower=None,
-                                       upper=None, topk=None)
-    assert "float64" in reason
+    def reason(q, k, v, **kw):
+        return triton_unsupported_reason(q, k, v, **{**dict(sink=None, bias=None, lower=None, upper=None,
+                                                            topk=None), **kw})
+
+    q, k = torch.randn(1, 4, 8, 32, device=DEVICE), torch.randn(1, 2, 8, 32, device=DEVICE)
+    assert reason(q, k, k, upper=0, bias=torch.zeros(8, device=DEVICE)) is None
+    assert reason(q, k, k, topk=torch.zeros(1, 8, 2, dtype=torch.long)) == \
+        "topk index masks are not supported by the triton attention kernel"
+    wide = torch.randn(1, 2, 8, 512, device=DEVICE)
+    assert reason(wide, wide, wide) == "head dim 512 > 256"
+    assert reason(q.double(), k.double(), k.double()).startswith("dtype float64")
+    assert "dtypes differ" in reason(q, k.half(), k)
     meta = torch.empty(1, 4, 8, 32, device="meta")
-    assert "meta" in triton_unsupported_reason(meta, meta, meta, sink=None, bias=None, lower=None, upper=None,
-                                               topk=None)
+    assert reason(meta, meta, meta) == "device meta not supported by the triton attention kernel"
 
 
 def test_cpu_needs_interpreter(monkeypatch):

@@ -109,13 +109,16 @@ def attention_ref_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
                            lower: Optional[int] = None, upper: Optional[int] = None,
                            topk: Optional[Tensor] = None, block_q: int = 128):
     """Flash-style backward: p is recomputed from lse chunk by chunk. Returns (dq, dk, dv, dsink);
-    dsink is None without a sink. Rows with nothing allowed (lse = -inf) contribute nothing."""
+    dsink is None without a sink. Rows with nothing allowed (lse = -inf) contribute nothing.
+    ``out`` is not read (delta comes from p and dp); it keeps the signature of the kernels'."""
     check_attention_args(q, k, v, sink=sink, bias=bias, topk=topk)
     seq, dim = q.shape[2:]
     kf, vf = k.float(), v.float()
     empty = lse == float("-inf")
-    delta = torch.where(empty, 0.0, (dout.float() * out.float()).sum(-1))
     lse_p = torch.where(empty, float("inf"), lse)  # makes p = 0 on empty rows instead of NaN
+    # delta = rowsum(p * dp) in fp32, as eager autograd computes it; rowsum(dout * out) (the flash
+    # kernels' form) would read the output after its rounding to bf16.
+    delta = torch.empty_like(lse)
     dq = torch.empty_like(q)
     dk = torch.zeros_like(kf)
     dv = torch.zeros_like(vf)
@@ -126,7 +129,10 @@ def attention_ref_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
         p = torch.exp(s - lse_p[:, :, rows].reshape(shape)[..., None])
         do = dout[:, :, rows].float().reshape(*shape, -1)
         dv += torch.einsum("bhgij,bhgid->bhjd", p, do)
-        ds = p * (torch.einsum("bhgid,bhjd->bhgij", do, vf) - delta[:, :, rows].reshape(shape)[..., None])
+        dp = torch.einsum("bhgid,bhjd->bhgij", do, vf)
+        row_delta = (p * dp).sum(-1)
+        delta[:, :, rows] = row_delta.flatten(1, 2)
+        ds = p * (dp - row_delta[..., None])
         qc = q[:, :, rows].float().reshape(*shape, dim)
         dq[:, :, rows] = (scale * torch.einsum("bhgij,bhjd->bhgid", ds, kf)).flatten(1, 2).to(dq.dtype)
         dk += scale * torch.einsum("bhgij,bhgid->bhjd", ds, qc)

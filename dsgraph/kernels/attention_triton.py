@@ -9,7 +9,7 @@ blocks (looping over the query heads of a GQA group, so no atomics) and dq over 
   the band (and the bounds) skip the per-element mask, edge blocks apply it.
 - Sink: the running max/sum start at (sink, 1), so the sink column is in the normalisation.
 - GQA: kv head = h // group, by index arithmetic. Bias: read through (stride-0) strides.
-- Head dims are padded to a power of two (>= 16) with masked loads.
+- Head dims are padded to a power of two (>= 16) with masked loads; loads are bounds-masked.
 - fp16/bf16 feed the tensor cores (p and ds are rounded to the input dtype, as in every flash
   kernel); fp32 uses ``input_precision="ieee"``, never tf32.
 """
@@ -28,10 +28,10 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _MAX_HEAD_DIM = 256
 _BIG = 1 << 30  # stands for an unbounded band side; keeps band arithmetic in int32
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-LOG2E: tl.constexpr = 1.4426950408889634
-LN2: tl.constexpr = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 # The interpreter multiplies bfloat16 bit patterns as integers in tl.dot: feed it fp32 there.
-_DOT_IN_FP32: tl.constexpr = _INTERPRET
+_DOT_IN_FP32 = tl.constexpr(_INTERPRET)
 
 
 def _configs(gpu: list[tuple[int, int, int, int]]) -> list[triton.Config]:
@@ -41,12 +41,23 @@ def _configs(gpu: list[tuple[int, int, int, int]]) -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in gpu]
 
 
-# Tuned on H100 (bf16, D=128); configs that run out of shared memory (D=256) are dropped by the autotuner.
-_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4)])
-_DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3)])
-_DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)])
-# Sequence lengths enter the key as powers of two so that varying lengths do not re-tune each call.
-_KEY = ["S_KEY", "T_KEY", "D", "DV", "HAS_BIAS"]
+# (BLOCK_M, BLOCK_N, warps, stages) for H100, bf16, D=128; the last of each list is the small tile
+# that _prune keeps alone where big tiles do not fit (fp32 dots run on FMA units, head dims > 128).
+_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)])
+_DKDV_CONFIGS = _configs([(64, 128, 8, 3), (32, 128, 4, 3), (32, 64, 4, 2)])
+_DQ_CONFIGS = _configs([(128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 2)])
+
+
+def _prune(configs, named_args, **kwargs):
+    if named_args["Q"].dtype == torch.float32 or max(kwargs["D_PAD"], kwargs["DV_PAD"]) > 128:
+        return configs[-1:]
+    return configs
+
+
+# Lengths enter the key as powers of two so that varying lengths do not re-tune each call; W_KEY is
+# the most keys a query row can see (a sliding window wants other tiles than causal at the same S).
+_KEY = ["S_KEY", "T_KEY", "W_KEY", "D", "DV", "HAS_BIAS"]
+_PRUNE = {"early_config_prune": _prune}
 
 
 @triton.jit
@@ -108,12 +119,12 @@ def _fwd_step(acc, m_i, l_i, q, k_base, v_base, bias_base, n0, offs_m, offs_d, o
     return acc, m_new, l_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_KEY)
+@triton.autotune(configs=_FWD_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _fwd_kernel(Q, K, V, SINK, BIAS, OUT, LSE,
                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                 sbb, sbh, sbm, sbn, sob, soh, som, sod,
-                Hq, G, S, T, qk_scale, lower, upper, S_KEY, T_KEY,
+                Hq, G, S, T, qk_scale, lower, upper, S_KEY, T_KEY, W_KEY,
                 D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
                 HAS_SINK: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -209,13 +220,13 @@ def _dkdv_step(dk, dv, k, v, q_base, do_base, bias_base, lse2_base, delta_base, 
     return dk, dv
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_KEY)
+@triton.autotune(configs=_DKDV_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, BIAS, DOUT, LSE2, DELTA, DK, DVAL,
                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                      sbb, sbh, sbm, sbn, sdb, sdh, sdm, sdd,
                      sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
-                     Hq, Hkv, G, S, T, qk_scale, scale, lower, upper, S_KEY, T_KEY,
+                     Hq, Hkv, G, S, T, qk_scale, scale, lower, upper, S_KEY, T_KEY, W_KEY,
                      D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
                      HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -279,12 +290,12 @@ def _dq_step(dq, q, do, lse2, delta, k_base, v_base, bias_base, n0, offs_m, offs
     return _dot(ds.to(k.dtype), k, dq, PREC)
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_KEY)
+@triton.autotune(configs=_DQ_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, BIAS, DOUT, LSE2, DELTA, DQ,
                    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                    sbb, sbh, sbm, sbn, sdb, sdh, sdm, sdd, sdqb, sdqh, sdqm, sdqd,
-                   Hq, G, S, T, qk_scale, scale, lower, upper, S_KEY, T_KEY,
+                   Hq, G, S, T, qk_scale, scale, lower, upper, S_KEY, T_KEY, W_KEY,
                    D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
                    HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -337,11 +348,16 @@ def triton_unsupported_reason(q, k, v, *, scale=None, sink=None, bias=None, lowe
     """None when the Triton kernel can serve the call, else a one-line reason."""
     if topk is not None:
         return "topk index masks are not supported by the triton attention kernel"
-    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        return f"dtype {q.dtype} (k {k.dtype}, v {v.dtype}); the triton kernel takes one of float16, bfloat16, float32"
+    if q.dtype not in _DTYPES:
+        dtype = str(q.dtype).removeprefix("torch.")
+        return f"dtype {dtype} (the triton kernel takes float16, bfloat16, float32)"
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})"
     dim = max(q.shape[-1], v.shape[-1])
     if dim > _MAX_HEAD_DIM:
         return f"head dim {dim} > {_MAX_HEAD_DIM}"
+    if q.dtype == torch.float32 and dim > 128 and not _INTERPRET:  # ieee fp32 tiles overflow shared memory
+        return f"float32 with head dim {dim} > 128"
     devices = {t.device for t in (q, k, v, sink, bias) if t is not None}
     if len(devices) > 1:
         return f"tensors on several devices {sorted(map(str, devices))}"
@@ -358,6 +374,7 @@ def triton_unsupported_reason(q, k, v, *, scale=None, sink=None, bias=None, lowe
 
 
 def _prepare(q, k, v, sink, bias, lower, upper):
+    """Validate, then the launch arguments shared by the kernels."""
     check_attention_args(q, k, v, sink=sink, bias=bias)
     reason = triton_unsupported_reason(q, k, v, sink=sink, bias=bias, lower=lower, upper=upper)
     if reason is not None:
@@ -365,6 +382,9 @@ def _prepare(q, k, v, sink, bias, lower, upper):
     batch, hq, seq, dim = q.shape
     keys, dim_v = k.shape[2], v.shape[3]
     has_bias = bias is not None
+    lower = -_BIG if lower is None else max(-_BIG, min(_BIG, lower))
+    upper = _BIG if upper is None else max(-_BIG, min(_BIG, upper))
+    width = min(keys, min(upper, keys - 1) - max(lower, -(seq - 1)) + 1)  # keys one row can see
     if not has_bias:
         bias, bias_strides = q, (0, 0, 0, 0)  # never read (HAS_BIAS is False)
     else:
@@ -372,9 +392,8 @@ def _prepare(q, k, v, sink, bias, lower, upper):
         bias_strides = bias.stride()
     return dict(
         bias=bias, bias_strides=bias_strides,
-        band=(-_BIG if lower is None else max(-_BIG, min(_BIG, lower)),
-              _BIG if upper is None else max(-_BIG, min(_BIG, upper))),
-        keys=(triton.next_power_of_2(seq), triton.next_power_of_2(keys)),
+        band=(lower, upper),
+        tune_keys=tuple(triton.next_power_of_2(max(1, n)) for n in (seq, keys, width)),
         meta=dict(D=dim, DV=dim_v, D_PAD=max(16, triton.next_power_of_2(dim)),
                   DV_PAD=max(16, triton.next_power_of_2(dim_v)), HAS_BIAS=has_bias,
                   PREC="ieee" if q.dtype == torch.float32 else "tf32"))
@@ -393,7 +412,7 @@ def attention_triton(q, k, v, *, scale: float, sink=None, bias=None, lower=None,
     _fwd_kernel[grid](
         q, k, v, q if sink is None else sink.contiguous(), prep["bias"], out, lse,
         *q.stride(), *k.stride(), *v.stride(), *prep["bias_strides"], *out.stride(),
-        hq, hq // hkv, seq, keys, scale * 1.4426950408889634, *prep["band"], *prep["keys"],
+        hq, hq // hkv, seq, keys, scale * LOG2E.value, *prep["band"], *prep["tune_keys"],
         HAS_SINK=sink is not None, **prep["meta"])
     return out, lse
 
@@ -402,6 +421,10 @@ def attention_triton_backward(q, k, v, out, lse, dout, *, scale: float, sink=Non
                               upper=None):
     """Returns (dq, dk, dv, dsink); dsink is None without a sink."""
     prep = _prepare(q, k, v, sink, bias, lower, upper)
+    if out.shape != (*q.shape[:3], v.shape[3]) or dout.shape != out.shape:
+        raise ValueError(f"out {tuple(out.shape)} and dout {tuple(dout.shape)} must be [B, Hq, S, Dv] = "
+                         f"{(*q.shape[:3], v.shape[3])}")
+    dout = dout.to(q.dtype)  # the tensor-core products take one dtype
     batch, hq, seq, _ = q.shape
     hkv, keys = k.shape[1], k.shape[2]
     meta = prep["meta"]
@@ -416,16 +439,16 @@ def attention_triton_backward(q, k, v, out, lse, dout, *, scale: float, sink=Non
             out, dout, lse.contiguous(), delta, lse2, *out.stride(), *dout.stride(), hq, seq,
             DV=meta["DV"], DV_PAD=meta["DV_PAD"], BLOCK_M=block)
         common = (*prep["bias_strides"], *dout.stride())
-        band = (scale * 1.4426950408889634, scale, *prep["band"], *prep["keys"])
+        scalars = (scale * LOG2E.value, scale, *prep["band"], *prep["tune_keys"])
         if keys:
             _bwd_dkdv_kernel[lambda m: (triton.cdiv(keys, m["BLOCK_N"]), batch * hkv)](
                 q, k, v, prep["bias"], dout, lse2, delta, dk, dv,
                 *q.stride(), *k.stride(), *v.stride(), *common, *dk.stride(), *dv.stride(),
-                hq, hkv, hq // hkv, seq, keys, *band, **meta)
+                hq, hkv, hq // hkv, seq, keys, *scalars, **meta)
         _bwd_dq_kernel[lambda m: (triton.cdiv(seq, m["BLOCK_M"]), batch * hq)](
             q, k, v, prep["bias"], dout, lse2, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *common, *dq.stride(),
-            hq, hq // hkv, seq, keys, *band, **meta)
+            hq, hq // hkv, seq, keys, *scalars, **meta)
     dsink = None
     if sink is not None:  # d lse / d sink = p_sink = exp(sink - lse); dsink = -sum(p_sink * delta)
         dsink = -(torch.exp(sink.float()[None, :, None] - lse) * delta).sum((0, 2)).to(sink.dtype)
