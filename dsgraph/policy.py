@@ -9,7 +9,9 @@ import dataclasses
 import os
 from typing import Mapping
 
-BACKENDS = ("tilelang", "triton", "sdpa", "torch")
+# "sdpa" first among the portable ones: where it can express a site, PyTorch's flash kernels are
+# faster than ours (see benchmarks/RESULTS.md).
+BACKENDS = ("tilelang", "sdpa", "triton", "torch")
 PRESETS = ("auto", "reference", "triton", "tilelang")
 RESIDUALS = ("inductor", "eager")
 ENV_VAR = "DSGRAPH_POLICY"

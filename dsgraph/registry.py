@@ -9,7 +9,7 @@ import dataclasses
 import logging
 from typing import Any, Callable, Optional
 
-from .policy import Policy
+from .policy import BACKENDS, Policy
 
 log = logging.getLogger("dsgraph")
 
@@ -55,7 +55,7 @@ def choose(op: str, policy: Policy, site: str, **args) -> tuple[str, dict[str, s
     preferred = policy.backends_for(op)
     candidates = list(preferred)
     if policy.is_forced(op) and not policy.strict:
-        candidates += [b for b in ("tilelang", "triton", "sdpa", "torch") if b not in candidates]
+        candidates += [b for b in BACKENDS if b not in candidates]
     for backend in candidates:
         impl = _KERNELS.get(op, {}).get(backend)
         reason = "no kernel registered" if impl is None else impl.unsupported(**args)

@@ -14,13 +14,14 @@ Masks from the masks pass fold into the op: ``band_mask`` -> ``lower``/``upper``
 
 Constraints (a site outside them is left alone and the report says why): softmax over the last dim;
 no other use of the scores or probabilities; positive scale; masks that do not need gradients;
-equal q/k/v dtypes; no reshape between the score product and the softmax. With ``bmm`` the heads
+no reshape between the score product and the softmax. With ``bmm`` the heads
 are flattened into the batch: GQA repeats and per-head sinks are not recovered there, and a mask
 reshaped into that batch folds as a band only when it is all constant.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import operator
 from typing import Optional
@@ -227,11 +228,16 @@ class _Site:
             raise Reject("the value product has no single value dim")
         v_roles = "".join(roles.get(c, "#") for c in v_sub)  # '#' marks the value dim
         k, v, group = self._kv(layout, qk, k, v, v_roles)
-        if len({val(x).dtype for x in (q, k, v)}) != 1:
-            raise Reject(f"mixed dtypes q {val(q).dtype}, k {val(k).dtype}, v {val(v).dtype}")
+        dtypes = {val(x).dtype for x in (q, k, v)}
+        if not all(d.is_floating_point for d in dtypes):
+            raise Reject(f"non-float q/k/v ({', '.join(map(str, dtypes))})")
+        # Mixed dtypes (e.g. fp32 q/k with bf16 v, as MLA writes it): the op runs in the widest one.
+        compute_dtype = functools.reduce(torch.promote_types, dtypes)
 
         scale = mult * q_factor * k_factor
         with self.graph.inserting_before(pv_node):
+            q, k, v = (x if val(x).dtype == compute_dtype else call(self.graph, aten.to.dtype, x, compute_dtype, like=pv_node)
+                       for x in (q, k, v))
             q4 = self._canonical(q, qk.a_sub, layout, layout.heads, [layout.s, layout.d], like=pv_node)
             k4 = self._canonical(k, qk.b_sub, layout, [h for h in layout.heads if h in qk.b_sub],
                                  [layout.t, layout.d], like=pv_node)
@@ -244,11 +250,17 @@ class _Site:
             backend, rejected = self.ctx.choose("attention", pv_node, **args)
             if backend is None:
                 return
-            fused = call(self.graph, dsgraph_ops.attention.default, q4, k4, v4, sink, bias, topk, scale,
-                         lower, upper, backend, like=pv_node)
-            out = call(self.graph, operator.getitem, fused, 0, like=pv_node)
+            if backend == "sdpa":  # PyTorch's own op: Inductor lowers it, forward and backward
+                if bias is not None:
+                    bias = call(self.graph, aten.to.dtype, bias, compute_dtype, like=pv_node)
+                out = call(self.graph, aten.scaled_dot_product_attention.default, q4, k4, v4, bias, 0.0,
+                           upper == 0, scale=scale, enable_gqa=group > 1, like=pv_node)
+            else:
+                fused = call(self.graph, dsgraph_ops.attention.default, q4, k4, v4, sink, bias, topk, scale,
+                             lower, upper, backend, like=pv_node)
+                out = call(self.graph, operator.getitem, fused, 0, like=pv_node)
             out = self._restore(out, layout, qk, pv, roles, like=pv_node)
-        inputs = [q, k, v, *bias_inputs] + ([topk] if topk is not None else []) + ([strip(sink_col, {aten.expand.default})] if sink is not None else [])
+        inputs = [strip(x, {aten.to.dtype}) for x in (q, k, v)] + bias_inputs + ([topk] if topk is not None else []) + ([strip(sink_col, {aten.expand.default})] if sink is not None else [])
         detail = self._describe(val(q4), val(k4), group, lower, upper, topk, bias, sink, scale)
         self.ctx.commit(self.gm, op="attention", old=pv_node, new=out, inputs=inputs, backend=backend,
                         rejected=rejected, detail=detail)

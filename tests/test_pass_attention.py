@@ -231,3 +231,16 @@ def test_strict_policy_names_the_backend_and_reason():
     _, report = rewrite(fn, args, policy="triton")  # not strict: next backend, reason reported
     (site,) = [r for r in report.rewrites if r.op == "attention"]
     assert site.backend == "torch" and "triton" in site.rejected
+
+
+def test_sdpa_backend_emits_pytorchs_own_op():
+    """Where SDPA can express a site, the rewrite is PyTorch's SDPA op (forward and backward native)."""
+    shape = AttentionShape(2, 4, 2, 6, 6, 8, 8)
+    fn = make_attention(shape, MaskSpec(causal=False), product="einsum_bhsd", scale_at="on_q",
+                        softmax="dtype_fp32", repeat="repeat_interleave", sink=False)
+    args = make_inputs(shape, MaskSpec(), torch.float32, 0, sink=False)
+    report = assert_rewrites(fn, args, pass_name="attention", policy="auto")
+    (site,) = [r for r in report.rewrites if r.op == "attention"]
+    assert site.backend == "sdpa", report
+    gm, _ = rewrite(fn, args, policy="auto")
+    assert any(n.target is torch.ops.aten.scaled_dot_product_attention.default for n in gm.graph.nodes)
