@@ -79,13 +79,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqs", default="1024,2048,4096,8192,16384")
     parser.add_argument("--cases", default="causal,window+sink")
+    parser.add_argument("--commit", default=None, help="the commit measured (where the copy has no .git)")
     parser.add_argument("--markdown", default=None, help="also write the table to this file")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/attention.py needs a CUDA GPU")
     seqs = [int(s) for s in args.seqs.split(",")]
     device = torch.device("cuda")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                           text=True).stdout.strip() or "unknown"
     gpu = torch.cuda.get_device_name()
     rows = []
     header = ("| case | S | pass | eager ms | torch.compile ms | dsgraph ms | vs eager | vs compile | "
