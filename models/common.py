@@ -219,10 +219,8 @@ def read_config(path: str) -> dict:
         return json.load(f)
 
 
-def load_safetensors(path: str, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory (``model.safetensors.index.json`` shards or one
-    ``model.safetensors``), fp8 weights dequantised to ``dtype`` (default: torch's) with their
-    ``*.weight_scale_inv`` blocks."""
+def read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor, as stored, of a checkpoint directory (index shards or one ``model.safetensors``)."""
     index_file = os.path.join(path, INDEX_NAME)
     if os.path.exists(index_file):
         with open(index_file) as f:
@@ -234,8 +232,15 @@ def load_safetensors(path: str, dtype: Optional[torch.dtype] = None) -> dict[str
     state: dict[str, torch.Tensor] = {}
     for name in files:
         with safe_open(os.path.join(path, name), framework="pt") as f:
-            for key in f.keys():
-                state[key] = f.get_tensor(key)
+            state.update({key: f.get_tensor(key) for key in f.keys()})
+    return state
+
+
+def load_safetensors(path: str, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory (``model.safetensors.index.json`` shards or one
+    ``model.safetensors``), fp8 weights dequantised to ``dtype`` (default: torch's) with their
+    ``*.weight_scale_inv`` blocks."""
+    state = read_safetensors(path)
     target = dtype or torch.get_default_dtype()
     for key in [k for k, t in state.items() if t.dtype in FP8_DTYPES]:
         scale = state.pop(key + "_scale_inv", None)

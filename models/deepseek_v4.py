@@ -19,19 +19,15 @@ heads/head dim. Masks are additive fp32: [S, T] or [B, S, T].
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
-from .common import (INDEX_NAME, WEIGHTS_NAME, CheckpointError, RMSNorm, apply_rope_interleaved,
-                     dequantize_fp8_blockwise, load_state_strict, read_config, rope_freqs_cis, save_safetensors,
-                     yarn_inv_freq)
+from .common import (CheckpointError, RMSNorm, apply_rope_interleaved, dequantize_fp8_blockwise, load_state_strict,
+                     read_config, read_safetensors, rope_freqs_cis, save_safetensors, yarn_inv_freq)
 from .deepseek_v32 import hadamard_transform_torch
 
 SCORE_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
@@ -566,18 +562,7 @@ def load_released_safetensors(path: str, dtype: Optional[torch.dtype] = None) ->
     """All tensors of a checkpoint directory (index shards or one ``model.safetensors``); a
     ``<name>.weight`` with a ``<name>.scale`` is dequantised to ``dtype`` (default: torch's): fp8
     with 128x128 block scales, int8 / float4_e2m1fn_x2 as packed fp4 with 32-column scales."""
-    index_file = os.path.join(path, INDEX_NAME)
-    if os.path.exists(index_file):
-        with open(index_file) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.exists(os.path.join(path, WEIGHTS_NAME)):
-        files = [WEIGHTS_NAME]
-    else:
-        raise CheckpointError(f"no {INDEX_NAME} or {WEIGHTS_NAME} in {path}")
-    state: dict[str, torch.Tensor] = {}
-    for name in files:
-        with safe_open(os.path.join(path, name), framework="pt") as f:
-            state.update({key: f.get_tensor(key) for key in f.keys()})
+    state = read_safetensors(path)
     target = dtype or torch.get_default_dtype()
     for key in [k for k in state if k.endswith(".scale") and k[:-len("scale")] + "weight" in state]:
         scale, weight_key = state.pop(key), key[:-len("scale")] + "weight"
