@@ -296,3 +296,26 @@ def save_safetensors(model: nn.Module, path: str, config: dict, max_shard_bytes:
             total += tensor.numel() * tensor.element_size()
     with open(os.path.join(path, INDEX_NAME), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+
+
+@torch.no_grad()
+def greedy_generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int,
+                    attention_mask: Optional[torch.Tensor], eos_token_id: Optional[int]) -> torch.Tensor:
+    """Greedy decoding through a causal LM's cache (``model(ids, attention_mask=, past_key_values=,
+    use_cache=True)`` returning ``logits`` and ``past_key_values``): [B, S] -> [B, S + n],
+    n <= max_new_tokens; rows that produced ``eos_token_id`` are padded with it until every row has."""
+    out = model(input_ids, attention_mask=attention_mask, use_cache=True)
+    tokens = input_ids
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    for step in range(max_new_tokens):
+        nxt = out.logits[:, -1].argmax(dim=-1)
+        if eos_token_id is not None:
+            nxt = torch.where(done, eos_token_id, nxt)
+            done |= nxt == eos_token_id
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        if step + 1 == max_new_tokens or bool(done.all()):
+            break
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
+        out = model(nxt[:, None], attention_mask=attention_mask, past_key_values=out.past_key_values, use_cache=True)
+    return tokens

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import (MLP, LayerNorm, MoE, MoEGate, RMSNorm, apply_rope_half, apply_rope_interleaved,
+from .common import (MLP, LayerNorm, MoE, MoEGate, RMSNorm, apply_rope_half, apply_rope_interleaved, greedy_generate,
                      load_safetensors, load_state_strict, read_config, rope_freqs_cis, save_safetensors,
                      yarn_inv_freq, yarn_mscale)
 
@@ -401,21 +401,7 @@ class DeepseekV32ForCausalLM(nn.Module):
                  eos_token_id: Optional[int] = None) -> torch.Tensor:
         """Greedy decoding with the KV cache: [B, S] -> [B, S + n] (n <= max_new_tokens; rows that
         produced ``eos_token_id`` are padded with it until every row has)."""
-        out = self(input_ids, attention_mask=attention_mask, use_cache=True)
-        tokens = input_ids
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for step in range(max_new_tokens):
-            nxt = out.logits[:, -1].argmax(dim=-1)
-            if eos_token_id is not None:
-                nxt = torch.where(done, eos_token_id, nxt)
-                done |= nxt == eos_token_id
-            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-            if step + 1 == max_new_tokens or bool(done.all()):
-                break
-            if attention_mask is not None:
-                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
-            out = self(nxt[:, None], attention_mask=attention_mask, past_key_values=out.past_key_values, use_cache=True)
-        return tokens
+        return greedy_generate(self, input_ids, max_new_tokens, attention_mask, eos_token_id)
 
     @classmethod
     def from_pretrained(cls, path: str, config: Optional[DeepseekV32Config] = None, dtype: Optional[torch.dtype] = None,
