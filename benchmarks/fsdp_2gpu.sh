@@ -9,8 +9,8 @@
 #     PARAM_DTYPE=bf16 bash benchmarks/fsdp_2gpu.sh
 #
 # PARAM_DTYPE (default fp32) is FSDP2's MixedPrecisionPolicy param_dtype (reduce is fp32). fp32 by
-# default: the V3.2 attention upcasts q and k to fp32 but keeps v in the param dtype, and the
-# attention pass leaves mixed-dtype sites alone, so under bf16 params dsgraph rewrites nothing there.
+# default: the V3.2 attention upcasts q and k to fp32 but keeps v in the param dtype, so under bf16
+# params the site is mixed-dtype and runs in fp32 (the widest) anyway.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1

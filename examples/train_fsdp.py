@@ -23,8 +23,8 @@ checkpoints are interchangeable between ``--compile`` modes.
 
 Known limits of per-block compilation today: the causal mask is built by the model before the blocks,
 so each block receives it as an [S, T] tensor and dsgraph fuses it as a compact additive bias, not as
-a band (no causal block skipping); and with bf16 params the V3.2 MLA attention site has q, k in fp32
-and v in bf16, which the attention pass leaves alone (the report lists it under "sites left alone").
+a band (no causal block skipping); and the V3.2 MLA attention site has q, k in fp32 (v in the param
+dtype), so it runs in fp32 (the widest) even under bf16 params. benchmarks/RESULTS.md measures the cost.
 
 The model runs in dense mode (``use_sparse_attention=False``, DeepSeek's dense warm-up stage) unless
 ``--sparse``: the sparse path's Lightning Indexer materialises [B, S, Hi, T] fp32 scores that no

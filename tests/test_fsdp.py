@@ -266,16 +266,17 @@ def test_checkpointing_inside_the_optimized_module_is_a_clear_error():
 
 
 # ---------------------------------------------------------------------------------------------
-# 2 GPUs (NCCL): the same example, policy auto (Triton kernels)
+# 2 GPUs (NCCL): the same example, policy auto (the fp32 D=192 MLA site goes to SDPA: the Triton kernel
+# takes fp32 only up to head dim 128)
 # ---------------------------------------------------------------------------------------------
-GPU_POLICY = "auto;residual=eager"  # the Triton kernels; the rest eager (no Inductor compile time in the tests)
+GPU_POLICY = "auto;residual=eager"  # the rest eager: no Inductor compile time in the tests
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 
 
 @pytest.mark.gpu
 @two_gpus
 def test_gpu_fsdp2_dsgraph_matches_eager_and_resumes_with_activation_checkpointing(tmp_path):
-    """fp32 params: eager vs dsgraph (Triton kernels) step by step; then a run resumed
+    """fp32 params: eager vs dsgraph step by step; then a run resumed
     from step 2 with activation checkpointing on reaches the uninterrupted run's losses."""
     common = ["--steps", "4", "--seq-len", "512", "--batch", "2", "--param-dtype", "fp32", "--tf32", "off",
               "--policy", GPU_POLICY, "--timeout-s", "120"]
@@ -287,7 +288,7 @@ def test_gpu_fsdp2_dsgraph_matches_eager_and_resumes_with_activation_checkpointi
     _torchrun(*common, "--compile", "dsgraph", "--ac", "--ckpt-dir", ckpt, "--resume",
               "--report-json", str(tmp_path / "resumed.json"), timeout=300)
     eager, opt, resumed = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("eager", "dsgraph", "resumed"))
-    assert opt["device"].startswith("cuda") and "attention:triton" in opt["dsgraph_rewrites"], opt["dsgraph"]
+    assert opt["device"].startswith("cuda") and any(r.startswith("attention:") for r in opt["dsgraph_rewrites"]), opt["dsgraph"]
     for step in ("1", "2", "3", "4"):
         assert abs(opt["losses"][step] - eager["losses"][step]) < 2e-3 * abs(eager["losses"][step]), (eager, opt)
     assert resumed["start_step"] == 2 and resumed["ac"]
