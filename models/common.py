@@ -298,6 +298,38 @@ def save_safetensors(model: nn.Module, path: str, config: dict, max_shard_bytes:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
 
 
+class PretrainedMixin:
+    """``from_pretrained`` / ``save_pretrained`` over ``config.json`` + (sharded) safetensors under the
+    released parameter names. A model sets ``config_class`` and may override ``read_checkpoint``
+    (dequantisation) and ``ignored_keys`` (a regex of checkpoint keys the model has no module for)."""
+
+    config_class: type
+
+    @classmethod
+    def read_checkpoint(cls, path: str, dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
+        return load_safetensors(path, dtype)
+
+    @classmethod
+    def ignored_keys(cls, config) -> Optional[str]:
+        return r"mtp\."  # multi-token-prediction weights
+
+    @classmethod
+    def from_pretrained(cls, path: str, config=None, dtype: Optional[torch.dtype] = None, device=None):
+        """Load a checkpoint directory; ``config`` overrides ``config.json``; floating tensors become
+        ``dtype`` (default: torch's default dtype). Raises ``CheckpointError`` naming missing,
+        unexpected and mis-shaped keys."""
+        config = config or cls.config_class.from_dict(read_config(path))
+        state = cls.read_checkpoint(path, dtype)
+        with torch.device("meta"):
+            model = cls(config)
+        load_state_strict(model, state, dtype, device, cls.ignored_keys(config), source=path)
+        return model
+
+    def save_pretrained(self, path: str, max_shard_size: int = 5 * 2**30) -> None:
+        """Write ``config.json``, ``model-*-of-*.safetensors`` shards and ``model.safetensors.index.json``."""
+        save_safetensors(self, path, self.config.to_dict(), max_shard_size)
+
+
 @torch.no_grad()
 def greedy_generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int,
                     attention_mask: Optional[torch.Tensor], eos_token_id: Optional[int]) -> torch.Tensor:

@@ -22,9 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import (MLP, LayerNorm, MoE, MoEGate, RMSNorm, apply_rope_half, apply_rope_interleaved, greedy_generate,
-                     load_safetensors, load_state_strict, read_config, rope_freqs_cis, save_safetensors,
-                     yarn_inv_freq, yarn_mscale)
+from .common import (LayerNorm, MLP, MoE, MoEGate, PretrainedMixin, RMSNorm, apply_rope_half, apply_rope_interleaved,
+                     greedy_generate, rope_freqs_cis, yarn_inv_freq, yarn_mscale)
 
 
 @dataclass
@@ -362,8 +361,12 @@ class DeepseekV32Model(nn.Module):
         return self.norm(h), tuple(scores), tuple(targets), tuple(caches)
 
 
-class DeepseekV32ForCausalLM(nn.Module):
-    """DeepSeek-V3.2 language model with the HF V3.2 forward API."""
+class DeepseekV32ForCausalLM(PretrainedMixin, nn.Module):
+    """DeepSeek-V3.2 language model with the HF V3.2 forward API. ``from_pretrained`` takes the Hugging
+    Face layout (fp8 weights with ``weight_scale_inv`` dequantised); ``config=`` overrides config.json
+    (e.g. dense mode)."""
+
+    config_class = DeepseekV32Config
 
     def __init__(self, config: DeepseekV32Config):
         super().__init__()
@@ -404,25 +407,10 @@ class DeepseekV32ForCausalLM(nn.Module):
         return greedy_generate(self, input_ids, max_new_tokens, attention_mask, eos_token_id)
 
     @classmethod
-    def from_pretrained(cls, path: str, config: Optional[DeepseekV32Config] = None, dtype: Optional[torch.dtype] = None,
-                        device=None) -> "DeepseekV32ForCausalLM":
-        """Load a Hugging Face layout checkpoint directory (``config.json`` + safetensors, sharded or
-        not; fp8 weights dequantised). ``config`` overrides ``config.json`` (e.g. dense mode); floating
-        tensors become ``dtype`` (default: torch's default dtype). Raises ``CheckpointError`` naming
-        missing, unexpected and mis-shaped keys."""
-        config = config or DeepseekV32Config.from_dict(read_config(path))
-        state = load_safetensors(path, dtype)
-        with torch.device("meta"):
-            model = cls(config)
+    def ignored_keys(cls, config: DeepseekV32Config) -> Optional[str]:
         # The multi-token-prediction layers follow the last layer in the official checkpoints.
         mtp = range(config.num_hidden_layers, config.num_hidden_layers + config.num_nextn_predict_layers)
-        ignore = rf"model\.layers\.({'|'.join(map(str, mtp))})\." if len(mtp) else None
-        load_state_strict(model, state, dtype, device, ignore, source=path)
-        return model
-
-    def save_pretrained(self, path: str, max_shard_size: int = 5 * 2**30) -> None:
-        """Write ``config.json``, ``model-*-of-*.safetensors`` shards and ``model.safetensors.index.json``."""
-        save_safetensors(self, path, self.config.to_dict(), max_shard_size)
+        return rf"model\.layers\.({'|'.join(map(str, mtp))})\." if len(mtp) else None
 
 
 def compute_indexer_kl_loss(indexer_scores: tuple[torch.Tensor, ...],

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import (CheckpointError, RMSNorm, apply_rope_interleaved, dequantize_fp8_blockwise, load_state_strict,
-                     read_config, read_safetensors, rope_freqs_cis, save_safetensors, yarn_inv_freq)
+from .common import (CheckpointError, PretrainedMixin, RMSNorm, apply_rope_interleaved, dequantize_fp8_blockwise,
+                     read_safetensors, rope_freqs_cis, yarn_inv_freq)
 from .deepseek_v32 import hadamard_transform_torch
 
 SCORE_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
@@ -480,9 +480,11 @@ class DeepseekV4Block(nn.Module):
         return self.hc_post(self.ffn(self.ffn_norm(h), input_ids), x, post, comb)
 
 
-class DeepseekV4ForCausalLM(nn.Module):
+class DeepseekV4ForCausalLM(PretrainedMixin, nn.Module):
     """DeepSeek-V4 language model, parameters named as in the released checkpoint: ``embed``,
     ``layers``, ``hc_head_{fn,base,scale}`` (the HyperHead), ``norm``, ``head``."""
+
+    config_class = DeepseekV4Config
 
     def __init__(self, config: DeepseekV4Config):
         super().__init__()
@@ -528,22 +530,8 @@ class DeepseekV4ForCausalLM(nn.Module):
         return DeepseekV4CausalLMOutput(loss=loss, logits=logits)
 
     @classmethod
-    def from_pretrained(cls, path: str, config: Optional[DeepseekV4Config] = None, dtype: Optional[torch.dtype] = None,
-                        device=None) -> "DeepseekV4ForCausalLM":
-        """Load a checkpoint directory under the released names (``config.json`` + safetensors,
-        sharded or not; fp8 / fp4 weights with ``.scale`` dequantised; ``mtp.*`` ignored). Floating
-        tensors become ``dtype`` (default: torch's default dtype). Raises ``CheckpointError`` naming
-        missing, unexpected and mis-shaped keys."""
-        config = config or DeepseekV4Config.from_dict(read_config(path))
-        state = load_released_safetensors(path, dtype)
-        with torch.device("meta"):
-            model = cls(config)
-        load_state_strict(model, state, dtype, device, ignore=r"mtp\.", source=path)
-        return model
-
-    def save_pretrained(self, path: str, max_shard_size: int = 5 * 2**30) -> None:
-        """Write ``config.json``, ``model-*-of-*.safetensors`` shards and ``model.safetensors.index.json``."""
-        save_safetensors(self, path, self.config.to_dict(), max_shard_size)
+    def read_checkpoint(cls, path: str, dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
+        return load_released_safetensors(path, dtype)  # fp8 / fp4 weights with ``.scale`` dequantised
 
 
 # --------------------------------------------------------------------------------------------

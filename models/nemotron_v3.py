@@ -29,8 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import (MoE, MoEGate, RMSNorm, greedy_generate, load_safetensors, load_state_strict, read_config,
-                     save_safetensors)
+from .common import MoE, MoEGate, PretrainedMixin, RMSNorm, greedy_generate
 
 logger = logging.getLogger("dsgraph.models")
 
@@ -541,8 +540,10 @@ class NemotronV3Model(nn.Module):
         return self.norm_f(h), NemotronV3Cache(tuple(caches), T) if use_cache else None
 
 
-class NemotronV3ForCausalLM(nn.Module):
+class NemotronV3ForCausalLM(PretrainedMixin, nn.Module):
     """Nemotron V3 language model (HF ``NemotronHForCausalLM`` names: ``backbone``, ``lm_head``)."""
+
+    config_class = NemotronV3Config
 
     def __init__(self, config: NemotronV3Config):
         super().__init__()
@@ -584,21 +585,3 @@ class NemotronV3ForCausalLM(nn.Module):
         """Greedy decoding with the conv / SSM / KV caches: [B, S] -> [B, S + n] (n <= max_new_tokens; rows
         that produced ``eos_token_id`` are padded with it until every row has). Left padding only."""
         return greedy_generate(self, input_ids, max_new_tokens, attention_mask, eos_token_id)
-
-    @classmethod
-    def from_pretrained(cls, path: str, config: Optional[NemotronV3Config] = None, dtype: Optional[torch.dtype] = None,
-                        device=None) -> "NemotronV3ForCausalLM":
-        """Load a Hugging Face layout checkpoint directory (``config.json`` + safetensors, sharded or not).
-        ``config`` overrides ``config.json``; floating tensors become ``dtype`` (default: torch's default
-        dtype). Multi-token-prediction weights (``mtp.*``) are ignored. Raises ``CheckpointError`` naming
-        missing, unexpected and mis-shaped keys."""
-        config = config or NemotronV3Config.from_dict(read_config(path))
-        state = load_safetensors(path, dtype)
-        with torch.device("meta"):
-            model = cls(config)
-        load_state_strict(model, state, dtype, device, ignore=r"mtp\.", source=path)
-        return model
-
-    def save_pretrained(self, path: str, max_shard_size: int = 5 * 2**30) -> None:
-        """Write ``config.json``, ``model-*-of-*.safetensors`` shards and ``model.safetensors.index.json``."""
-        save_safetensors(self, path, self.config.to_dict(), max_shard_size)

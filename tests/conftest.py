@@ -1,4 +1,5 @@
 """Test set-up: hypothesis profiles, the Triton interpreter on CPU machines, the ``gpu`` marker."""
+import json
 import os
 
 import torch
@@ -9,6 +10,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
 settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -26,3 +28,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _write_checkpoint(path, tensors: dict, config: dict, n_shards: int = 2) -> None:
+    """A checkpoint directory written the way released ones are: ``n_shards`` safetensors shards
+    (keys dealt round-robin), ``model.safetensors.index.json`` and ``config.json``."""
+    os.makedirs(path, exist_ok=True)
+    keys = sorted(tensors)
+    weight_map = {}
+    for i in range(n_shards):
+        name = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+        shard = {k: tensors[k] for k in keys[i::n_shards]}
+        save_file(shard, os.path.join(path, name))
+        weight_map.update(dict.fromkeys(shard, name))
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+
+
+@pytest.fixture
+def write_checkpoint():
+    return _write_checkpoint

@@ -1,14 +1,12 @@
 """DeepSeek V3.2 reference model (models/deepseek_v32.py): semantics, API and checkpoints on CPU."""
 import functools
 import json
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save_file
 
 import dsgraph.models.deepseek_v32 as dsv32
 from dsgraph.models import (CheckpointError, DeepseekV32Config, DeepseekV32ForCausalLM, compute_indexer_kl_loss,
@@ -358,21 +356,6 @@ def _official_shapes(c: DeepseekV32Config) -> dict:
     return shapes
 
 
-def _write_checkpoint(path, tensors: dict, config: dict, n_shards: int = 2):
-    os.makedirs(path, exist_ok=True)
-    keys = sorted(tensors)
-    weight_map = {}
-    for i in range(n_shards):
-        name = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
-        shard = {k: tensors[k] for k in keys[i::n_shards]}
-        save_file(shard, os.path.join(path, name))
-        weight_map.update(dict.fromkeys(shard, name))
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {}, "weight_map": weight_map}, f)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f)
-
-
 def _official_config(**overrides) -> dict:
     cfg = DeepseekV32Config.tiny(**overrides).to_dict()
     # Keys of a real config.json that this model has no use for must be accepted.
@@ -408,14 +391,14 @@ def test_save_load_round_trip_sharded(tmp_path):
     assert half.lm_head.weight.dtype == torch.bfloat16
 
 
-def test_load_checkpoint_written_under_official_names(tmp_path):
+def test_load_checkpoint_written_under_official_names(tmp_path, write_checkpoint):
     shapes = _official_shapes(CFG)
     g = torch.Generator().manual_seed(0)
     tensors = {k: torch.randn(s, generator=g) * 0.1 for k, s in shapes.items()}
     # A multi-token-prediction layer after the last layer, as in the official checkpoint: ignored.
     tensors["model.layers.2.eh_proj.weight"] = torch.randn(CFG.hidden_size, 2 * CFG.hidden_size)
     tensors["model.layers.2.self_attn.q_a_proj.weight"] = torch.randn(CFG.q_lora_rank, CFG.hidden_size)
-    _write_checkpoint(str(tmp_path), tensors, _official_config(num_nextn_predict_layers=1), n_shards=3)
+    write_checkpoint(str(tmp_path), tensors, _official_config(num_nextn_predict_layers=1), n_shards=3)
     model = DeepseekV32ForCausalLM.from_pretrained(str(tmp_path))
     params = dict(model.named_parameters()) | dict(model.named_buffers())
     for k in shapes:
@@ -423,7 +406,7 @@ def test_load_checkpoint_written_under_official_names(tmp_path):
     assert bool(model(_ids(1, 6)).logits.isfinite().all())
 
 
-def test_load_fp8_checkpoint(tmp_path):
+def test_load_fp8_checkpoint(tmp_path, write_checkpoint):
     shapes = _official_shapes(CFG)
     g = torch.Generator().manual_seed(0)
     tensors = {k: torch.randn(s, generator=g) * 0.1 for k, s in shapes.items()}
@@ -437,7 +420,7 @@ def test_load_fp8_checkpoint(tmp_path):
         tensors[k] = (w / scale[0, 0]).to(torch.float8_e4m3fn)
         tensors[k + "_scale_inv"] = scale
         want[k] = tensors[k].float() * scale[0, 0]
-    _write_checkpoint(str(tmp_path), tensors, _official_config())
+    write_checkpoint(str(tmp_path), tensors, _official_config())
     model = DeepseekV32ForCausalLM.from_pretrained(str(tmp_path))
     params = dict(model.named_parameters())
     for k in fp8:
@@ -445,18 +428,18 @@ def test_load_fp8_checkpoint(tmp_path):
         # e4m3 rounding: relative error <= 2^-4, plus the subnormal step near zero.
         assert bool(((params[k] - orig[k]).abs() <= orig[k].abs() / 16 + 1e-3).all())
     del tensors[fp8[0] + "_scale_inv"]
-    _write_checkpoint(str(tmp_path / "noscale"), tensors, _official_config())
+    write_checkpoint(str(tmp_path / "noscale"), tensors, _official_config())
     with pytest.raises(CheckpointError, match="q_b_proj.weight_scale_inv"):
         DeepseekV32ForCausalLM.from_pretrained(str(tmp_path / "noscale"))
 
 
-def test_checkpoint_errors_name_every_bad_key(tmp_path):
+def test_checkpoint_errors_name_every_bad_key(tmp_path, write_checkpoint):
     shapes = _official_shapes(CFG)
     tensors = {k: torch.zeros(s) for k, s in shapes.items()}
     del tensors["model.layers.1.self_attn.indexer.weights_proj.weight"]
     tensors["model.layers.0.self_attn.indexer.wq.weight"] = torch.zeros(2, 2)
     tensors["model.layers.1.self_attn.kv_b_proj.weight"] = torch.zeros(3, 5)
-    _write_checkpoint(str(tmp_path), tensors, _official_config())
+    write_checkpoint(str(tmp_path), tensors, _official_config())
     with pytest.raises(CheckpointError) as err:
         DeepseekV32ForCausalLM.from_pretrained(str(tmp_path))
     msg = str(err.value)

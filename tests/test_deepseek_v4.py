@@ -1,14 +1,12 @@
 """DeepSeek V4 reference model (models/deepseek_v4.py): semantics, layer types and checkpoints on CPU."""
 import functools
 import json
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save_file
 
 import dsgraph.models.deepseek_v4 as dsv4
 from dsgraph.models import (CheckpointError, DeepseekV4Config, DeepseekV4ForCausalLM, hc_split_sinkhorn,
@@ -512,21 +510,6 @@ def test_save_load_round_trip_sharded(tmp_path):
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
 
 
-def _write_checkpoint(path, tensors: dict, config: dict, n_shards: int = 2):
-    os.makedirs(path, exist_ok=True)
-    keys = sorted(tensors)
-    weight_map = {}
-    for i in range(n_shards):
-        name = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
-        shard = {k: tensors[k] for k in keys[i::n_shards]}
-        save_file(shard, os.path.join(path, name))
-        weight_map.update(dict.fromkeys(shard, name))
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {}, "weight_map": weight_map}, f)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f)
-
-
 def _released_config() -> dict:
     cfg = CFG.to_dict()
     # Keys of the released config.json this model has no use for must be accepted.
@@ -545,7 +528,7 @@ def _quantize_fp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return packed, scale.to(torch.float8_e8m0fnu), value
 
 
-def test_load_released_checkpoint_with_fp8_fp4_and_mtp(tmp_path):
+def test_load_released_checkpoint_with_fp8_fp4_and_mtp(tmp_path, write_checkpoint):
     state = {k: v.clone() for k, v in _model().state_dict().items()}
     tensors = dict(state)
     # fp8 e4m3 attention weight with a 128x128 block scale (exact: values and scale are powers of 2)
@@ -559,7 +542,7 @@ def test_load_released_checkpoint_with_fp8_fp4_and_mtp(tmp_path):
     tensors["layers.2.ffn.experts.3.w1.weight"], tensors["layers.2.ffn.experts.3.w1.scale"] = packed, scale
     state["layers.2.ffn.experts.3.w1.weight"] = value
     tensors["mtp.0.e_proj.weight"] = torch.zeros(4, 4)  # the MTP block is ignored
-    _write_checkpoint(str(tmp_path), tensors, _released_config())
+    write_checkpoint(str(tmp_path), tensors, _released_config())
     loaded = DeepseekV4ForCausalLM.from_pretrained(str(tmp_path))
     assert loaded.config == CFG
     for k, v in state.items():
@@ -567,12 +550,12 @@ def test_load_released_checkpoint_with_fp8_fp4_and_mtp(tmp_path):
     assert loaded.layers[0].ffn.gate.tid2eid.dtype == torch.int32
 
 
-def test_checkpoint_errors_name_the_keys(tmp_path):
+def test_checkpoint_errors_name_the_keys(tmp_path, write_checkpoint):
     tensors = {k: v.clone() for k, v in _model().state_dict().items()}
     del tensors["layers.1.attn.indexer.compressor.ape"]
     tensors["layers.1.attn.extra.weight"] = torch.zeros(2)
     tensors["layers.2.attn.wo_a.weight"] = torch.zeros(3, 3)
-    _write_checkpoint(str(tmp_path), tensors, _released_config())
+    write_checkpoint(str(tmp_path), tensors, _released_config())
     with pytest.raises(CheckpointError) as err:
         DeepseekV4ForCausalLM.from_pretrained(str(tmp_path))
     msg = str(err.value)

@@ -4,7 +4,6 @@ import functools
 import json
 import logging
 import math
-import os
 import sys
 
 import pytest
@@ -12,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save_file
 
 import dsgraph.models.nemotron_v3 as nv3
 from dsgraph.models import (CheckpointError, NemotronV3Cache, NemotronV3Config, NemotronV3ForCausalLM, mamba_kernels,
@@ -349,21 +347,6 @@ def _official_shapes(c: NemotronV3Config) -> dict:
     return shapes
 
 
-def _write_checkpoint(path, tensors: dict, config: dict, n_shards: int = 2):
-    os.makedirs(path, exist_ok=True)
-    keys = sorted(tensors)
-    weight_map = {}
-    for i in range(n_shards):
-        name = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
-        shard = {k: tensors[k] for k in keys[i::n_shards]}
-        save_file(shard, os.path.join(path, name))
-        weight_map.update(dict.fromkeys(shard, name))
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {}, "weight_map": weight_map}, f)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f)
-
-
 def _official_config() -> dict:
     cfg = CFG.to_dict()
     # Keys of a real config.json that this model has no use for must be accepted.
@@ -397,12 +380,12 @@ def test_save_load_round_trip_sharded(tmp_path):
     assert half.lm_head.weight.dtype == torch.bfloat16
 
 
-def test_load_checkpoint_written_under_official_names(tmp_path):
+def test_load_checkpoint_written_under_official_names(tmp_path, write_checkpoint):
     shapes = _official_shapes(CFG)
     g = torch.Generator().manual_seed(0)
     tensors = {k: torch.randn(s, generator=g) * 0.1 for k, s in shapes.items()}
     tensors["mtp.layers.0.eh_proj.weight"] = torch.randn(CFG.hidden_size, 2 * CFG.hidden_size)  # ignored
-    _write_checkpoint(str(tmp_path), tensors, _official_config(), n_shards=3)
+    write_checkpoint(str(tmp_path), tensors, _official_config(), n_shards=3)
     model = NemotronV3ForCausalLM.from_pretrained(str(tmp_path))
     assert model.config == CFG
     params = dict(model.named_parameters()) | dict(model.named_buffers())
@@ -411,13 +394,13 @@ def test_load_checkpoint_written_under_official_names(tmp_path):
     assert bool(model(_ids(1, 6)).logits.isfinite().all())
 
 
-def test_checkpoint_errors_name_every_bad_key(tmp_path):
+def test_checkpoint_errors_name_every_bad_key(tmp_path, write_checkpoint):
     shapes = _official_shapes(CFG)
     tensors = {k: torch.zeros(s) for k, s in shapes.items()}
     del tensors["backbone.layers.0.mixer.A_log"]
     tensors["backbone.layers.2.mixer.gate_proj.weight"] = torch.zeros(2, 2)
     tensors["backbone.layers.4.mixer.conv1d.weight"] = torch.zeros(3, 1, 4)
-    _write_checkpoint(str(tmp_path), tensors, _official_config())
+    write_checkpoint(str(tmp_path), tensors, _official_config())
     with pytest.raises(CheckpointError) as err:
         NemotronV3ForCausalLM.from_pretrained(str(tmp_path))
     msg = str(err.value)
