@@ -17,6 +17,8 @@ from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from .fxutil import VIEW_OPS
+
 aten = torch.ops.aten
 
 # In-place ops the model code uses while building masks and scores (`scores *= scale`,
@@ -32,14 +34,6 @@ _FUNCTIONAL = {
     aten.masked_fill_.Tensor: aten.masked_fill.Tensor, aten.fill_.Scalar: aten.fill.Scalar,
     aten.clamp_.default: aten.clamp.default, aten.neg_.default: aten.neg.default,
     aten.exp_.default: aten.exp.default,
-}
-_VIEW_OPS = {
-    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default,
-    aten.transpose.int, aten.permute.default, aten.unsqueeze.default, aten.squeeze.dim,
-    aten.squeeze.default, aten.slice.Tensor, aten.select.int, aten.t.default, aten.alias.default,
-    aten.detach.default, aten.narrow.default, aten.unflatten.int, aten.flatten.using_ints,
-    aten.diagonal.default, aten.as_strided.default, aten.split.Tensor, aten.chunk.default,
-    aten.unbind.int, aten.view_as.default, aten.expand_as.default, aten.movedim.int,
 }
 
 
@@ -80,12 +74,12 @@ def functionalize_inplace(graph: fx.Graph) -> int:
         if functional is None:
             continue
         base = node.args[0]
-        if not isinstance(base, fx.Node) or base.op != "call_function" or base.target in _VIEW_OPS:
+        if not isinstance(base, fx.Node) or base.op != "call_function" or base.target in VIEW_OPS:
             continue
         if base.target in _FUNCTIONAL or base.target in (operator.getitem,):
             continue
         earlier = [u for u in base.users if u is not node and order[u] < order[node]]
-        if any(u.target in _VIEW_OPS for u in earlier):
+        if any(u.target in VIEW_OPS for u in earlier):
             continue  # an alias read before the mutation would see the old value; leave it
         with graph.inserting_before(node):
             new = graph.call_function(functional, node.args, node.kwargs)

@@ -13,6 +13,15 @@ aten = torch.ops.aten
 
 CASTS = {aten.to.dtype, aten._to_copy.default, aten.type_as.default, aten.to.dtype_layout,
          aten.to.device, aten.clone.default, aten.contiguous.default, aten.alias.default}
+# Ops whose output aliases their first input: a write into one of them writes the base.
+VIEW_OPS = {
+    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default,
+    aten.transpose.int, aten.permute.default, aten.unsqueeze.default, aten.squeeze.dim,
+    aten.squeeze.default, aten.slice.Tensor, aten.select.int, aten.t.default, aten.alias.default,
+    aten.detach.default, aten.narrow.default, aten.unflatten.int, aten.flatten.using_ints,
+    aten.diagonal.default, aten.as_strided.default, aten.split.Tensor, aten.chunk.default,
+    aten.unbind.int, aten.view_as.default, aten.expand_as.default, aten.movedim.int,
+}
 _NONDETERMINISTIC = {aten.rand.default, aten.randn.default, aten.randint.low, aten.randint.default,
                      aten.empty.memory_format, aten.empty_like.default, aten.bernoulli.default,
                      aten.dropout.default, aten.native_dropout.default, aten.empty_strided.default,
@@ -61,20 +70,40 @@ def strip(node: fx.Node, targets: Iterable) -> fx.Node:
     return node
 
 
+def written(node: fx.Node) -> bool:
+    """Whether an in-place op writes ``node`` or a view of it (``m[:, 0] = x`` traces to
+    ``copy_(select(m))`` in the pre-dispatch graph): readers then see values its own op does not compute."""
+    aliases, stack = set(), [node]
+    while stack:
+        m = stack.pop()
+        if m in aliases:
+            continue
+        aliases.add(m)
+        for user in m.users:
+            schema = getattr(user.target, "_schema", None)
+            if schema is not None and schema.is_mutable:
+                return True
+            if user.target in VIEW_OPS:
+                stack.append(user)
+    return False
+
+
 def is_constant(node, cache: dict) -> bool:
-    """True if ``node`` is computed from factory ops and Python constants only (no graph input)."""
+    """True if ``node`` is computed from factory ops and Python constants only (no graph input) and
+    neither it nor anything it is computed from is written in place (evaluating the subgraph alone
+    would miss the write)."""
     if not isinstance(node, fx.Node):
         return True
     if node in cache:
         return cache[node]
     if node.op == "get_attr":
-        result = True
+        result = not written(node)
     elif node.op != "call_function" or node.target in _NONDETERMINISTIC or node.target is torch._C._set_grad_enabled:
         result = False
     else:
         schema = getattr(node.target, "_schema", None)
         mutable = schema is not None and schema.is_mutable
-        result = not mutable and all(is_constant(a, cache) for a in node.all_input_nodes)
+        result = not mutable and not written(node) and all(is_constant(a, cache) for a in node.all_input_nodes)
     cache[node] = result
     return result
 

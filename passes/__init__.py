@@ -1,11 +1,12 @@
 """dsgraph's graph passes (installed as ``dsgraph.passes``)."""
 from .attention import AttentionPass
+from .hadamard import HadamardPass
 from .masks import MaskPass
 
 
 def default_passes():
     """All passes, in any order: the pipeline orders them by what they need and provide."""
-    return [AttentionPass(), MaskPass()]
+    return [AttentionPass(), HadamardPass(), MaskPass()]
 
 
-__all__ = ["AttentionPass", "MaskPass", "default_passes"]
+__all__ = ["AttentionPass", "HadamardPass", "MaskPass", "default_passes"]

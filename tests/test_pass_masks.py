@@ -89,3 +89,20 @@ def test_constants_that_are_not_masks_are_left_alone():
 
     gm, report = rewrite(lambda x: fn(x), [torch.randn(6, 4)], passes=[MaskPass()])
     assert report.count("masks") == 0
+
+
+def test_a_mask_written_in_place_through_a_view_is_not_taken_for_its_band():
+    """``mask[:, 0] = -inf`` traces to ``copy_(select(mask))``: evaluating the ``triu`` alone would
+    call it causal and drop the write."""
+    def attend(q, k, v):
+        seq = q.shape[-2]
+        mask = torch.full((seq, seq), float("-inf")).triu(1)
+        mask[:, 0] = float("-inf")
+        mask[0, 0] = 0.0
+        scores = (q @ k.transpose(-1, -2)) * 0.25 + mask
+        return torch.softmax(scores.float(), -1) @ v
+
+    q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
+    gm, report = rewrite(attend, (q, k, v))
+    assert report.count("masks") == 0 and report.count("attention") == 1  # the mask stays a bias
+    torch.testing.assert_close(gm(q, k, v), attend(q, k, v))

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..registry import KernelImpl, kernel, register_kernel
+from .dtensor import reject_dtensor
 
 # Backends whose forward does not produce the log-sum-exp (their backward recomputes instead).
 _NO_LSE = {"sdpa"}
@@ -122,39 +123,4 @@ register_kernel(KernelImpl("attention", "sdpa", _sdpa_forward, _sdpa_backward,
                            unsupported=_sdpa_unsupported))
 
 
-# --------------------------------------------------------------------------------------------
-# DTensor inputs (tensor parallel, or an op called on FSDP2's sharded parameters directly)
-# --------------------------------------------------------------------------------------------
-# No sharding rule yet: the ops run on local tensors. Under FSDP2 the parameters are all-gathered
-# before forward, so they only ever see plain tensors; a DTensor reaching one is a model or
-# parallelism set-up that has to give the op local tensors, and the error says which input and how
-# it is placed, instead of DTensor's generic "no sharding strategy registered".
-def _describe(value) -> str:
-    return f"DTensor placements={tuple(value.placements)} mesh={tuple(value.device_mesh.shape)} " \
-           f"local {tuple(value.to_local().shape)} of global {tuple(value.shape)}"
-
-
-def _reject_dtensor(op_name: str):
-    def rule(_cls, func, _types, args=(), kwargs=None):
-        from torch.distributed.tensor import DTensor
-        names = [a.name for a in func._schema.arguments]
-        bound = {**dict(zip(names, args)), **(kwargs or {})}
-        placed = [f"{name}: {_describe(v)}" for name, v in bound.items() if isinstance(v, DTensor)]
-        raise NotImplementedError(
-            f"dsgraph::{op_name} has no DTensor sharding rule; it got {'; '.join(placed)}. "
-            "It runs on local (plain) tensors: under FSDP2 parameters are all-gathered before forward, "
-            "so it sees plain tensors; under tensor parallelism give attention local tensors "
-            "(use_local_output=True or .to_local() on q, k, v) or leave attention out of the DTensor region.")
-    return rule
-
-
-def _register_dtensor_rules() -> None:
-    if not torch.distributed.is_available() or not hasattr(torch.library, "register_torch_dispatch"):
-        return
-    from torch.distributed.tensor import DTensor
-    from . import masks  # noqa: F401  (topk_mask is registered there)
-    for name in ("attention", "attention_backward", "topk_mask"):  # band_mask takes no tensors
-        torch.library.register_torch_dispatch(f"dsgraph::{name}", DTensor, _reject_dtensor(name))
-
-
-_register_dtensor_rules()
+reject_dtensor("attention", "attention_backward")

@@ -12,6 +12,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .dtensor import reject_dtensor
+
 
 def band_allowed(rows: int, cols: int, lower: Optional[int], upper: Optional[int], device) -> Tensor:
     """[rows, cols] bool: True where ``lower <= j - i <= upper``."""
@@ -51,3 +53,6 @@ def topk_mask(index: Tensor, cols: int, dtype: torch.dtype, masked_value: float)
 @topk_mask.register_fake
 def _(index, cols, dtype, masked_value):
     return index.new_empty((*index.shape[:-1], cols), dtype=dtype)
+
+
+reject_dtensor("topk_mask")  # band_mask takes no tensors
