@@ -285,7 +285,8 @@ class DeepseekV32Attention(nn.Module):
                 attn_mask += mask
         out, target = mla_attention(q_nope, q_pe, kv, k_pe, self.kv_b_proj, attn_mask, padding, self.softmax_scale,
                                     self.v_head_dim, output_kl_target)
-        return self.o_proj(out.flatten(2)), index_scores, target, new_cache
+        # Scores only when asked: a live [B, S, T] output would keep a compiler from fusing them away.
+        return self.o_proj(out.flatten(2)), index_scores if output_indexer_scores else None, target, new_cache
 
 
 class DeepseekV32DecoderLayer(nn.Module):

@@ -11,7 +11,7 @@ import dsgraph
 import dsgraph.ops.hadamard  # noqa: F401  (registers dsgraph::hadamard)
 from dsgraph.kernels.hadamard_tilelang import sylvester
 from dsgraph.models import DeepseekV32Config, DeepseekV32ForCausalLM, hadamard_transform_torch
-from dsgraph.passes import AttentionPass, MaskPass
+from dsgraph.passes import HadamardPass
 from dsgraph.passes.hadamard import MAX_ROW, HadamardPass
 from dsgraph.testing import assert_rewrites, rewrite
 
@@ -190,15 +190,16 @@ def test_verify_checks_the_rewrite():
     assert report.rewrites[0].verified is True
 
 
-def test_every_layer_of_tiny_deepseek_v32_has_both_rotations_rewritten():
+def test_every_layer_of_tiny_deepseek_v32_has_its_rotations_and_indexer_rewritten():
+    """The issue's done-when: explain(optimize(tiny V3.2)) lists the Hadamard and indexer rewrites of
+    every layer (all default passes, as a user gets them)."""
     config = DeepseekV32Config.tiny()
     assert config.use_sparse_attention
     torch.manual_seed(0)
     model = DeepseekV32ForCausalLM(config).eval()
     ids = torch.randint(0, config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
     # The MoE's bincount breaks the graph: "eager" residual keeps the test at a few seconds.
-    opt = dsgraph.optimize(model, passes=[MaskPass(), HadamardPass(), AttentionPass()],
-                           policy="reference;residual=eager")
+    opt = dsgraph.optimize(model, policy="reference;residual=eager")
     logits = opt(ids).logits
     report = dsgraph.explain(opt)
     rotations = [r for r in report.rewrites if r.op == "hadamard" and not r.rolled_back]
@@ -209,6 +210,8 @@ def test_every_layer_of_tiny_deepseek_v32_has_both_rotations_rewritten():
     for details in per_graph.values():  # q: [B, S, heads, Di]; k: [B, S, 1, Di]
         assert sorted(d.split(" on ")[1].split(" row")[0] for d in details) == \
             sorted([str(2 * 8), str(2 * 8 * config.index_n_heads)]), details
+    indexers = [r for r in report.rewrites if r.op == "indexer_topk" and not r.rolled_back]
+    assert len(indexers) == config.num_hidden_layers and {r.graph for r in indexers} == set(per_graph), report
     torch.testing.assert_close(logits, model(ids).logits)
 
 
