@@ -11,7 +11,6 @@ import dsgraph
 import dsgraph.ops.hadamard  # noqa: F401  (registers dsgraph::hadamard)
 from dsgraph.kernels.hadamard_tilelang import sylvester
 from dsgraph.models import DeepseekV32Config, DeepseekV32ForCausalLM, hadamard_transform_torch
-from dsgraph.passes import HadamardPass
 from dsgraph.passes.hadamard import MAX_ROW, HadamardPass
 from dsgraph.testing import assert_rewrites, rewrite
 
