@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..ops.masks import band_allowed
+from .common import check_additive_bias
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -45,16 +46,7 @@ def check_attention_args(q: Tensor, k: Tensor, v: Tensor, *, sink: Optional[Tens
                          f"{q.dtype}, {k.dtype}, {v.dtype}")
     if sink is not None and tuple(sink.shape) != (hq,):
         raise ValueError(f"sink must have shape [Hq] = ({hq},); got {tuple(sink.shape)}")
-    if bias is not None:
-        full = (batch, hq, seq, keys)
-        if not bias.is_floating_point():
-            raise ValueError(f"bias must be a float tensor (additive); got {bias.dtype}")
-        try:
-            ok = torch.broadcast_shapes(bias.shape, full) == full
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise ValueError(f"bias {tuple(bias.shape)} must broadcast to [B, Hq, S, T] = {full}")
+    check_additive_bias(bias, (batch, hq, seq, keys), "[B, Hq, S, T]")
     if topk is not None and (topk.dim() != 3 or tuple(topk.shape[:2]) != (batch, seq)
                              or topk.dtype not in (torch.int32, torch.int64)):
         raise ValueError(f"topk must be an int32/int64 tensor [B, S, K] with B={batch}, S={seq}; "

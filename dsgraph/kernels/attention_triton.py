@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from .attention_ref import check_attention_args
+from .common import triton_device_reason
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _MAX_HEAD_DIM = 256
@@ -358,14 +359,9 @@ def triton_unsupported_reason(q, k, v, *, scale=None, sink=None, bias=None, lowe
         return f"head dim {dim} > {_MAX_HEAD_DIM}"
     if q.dtype == torch.float32 and dim > 128 and not _INTERPRET:  # ieee fp32 tiles overflow shared memory
         return f"float32 with head dim {dim} > 128"
-    devices = {t.device for t in (q, k, v, sink, bias) if t is not None}
-    if len(devices) > 1:
-        return f"tensors on several devices {sorted(map(str, devices))}"
-    device = q.device.type
-    if device == "cpu" and not _INTERPRET:
-        return "device cpu needs TRITON_INTERPRET=1"
-    if device not in ("cuda", "cpu"):
-        return f"device {device} not supported by the triton attention kernel"
+    reason = triton_device_reason((q, k, v, sink, bias), _INTERPRET, "triton attention kernel")
+    if reason is not None:
+        return reason
     if bias is not None:
         bias = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     if max(_span(t) for t in (q, k, v, bias) if t is not None) >= 2**31:

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ..ops.masks import band_allowed
+from .common import check_additive_bias
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -31,15 +32,7 @@ def check_indexer_args(q: Tensor, k: Tensor, weights: Tensor, *, bias: Optional[
         if t.dtype not in _DTYPES:
             raise ValueError(f"{name} must be one of {_DTYPES}; got {t.dtype}")
     full = (batch, seq, k.shape[1])
-    if bias is not None:
-        if not bias.is_floating_point():
-            raise ValueError(f"bias must be a float tensor (additive); got {bias.dtype}")
-        try:
-            ok = torch.broadcast_shapes(bias.shape, full) == full
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise ValueError(f"bias {tuple(bias.shape)} must broadcast to [B, S, T] = {full}")
+    check_additive_bias(bias, full, "[B, S, T]")
     if topk is not None and not 0 <= topk <= k.shape[1]:
         raise ValueError(f"topk must be in [0, T] = [0, {k.shape[1]}]; got {topk}")
 

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .attention_triton import _BIG, _INTERPRET, _dot, _visit_range
+from .common import triton_device_reason
 from .indexer_ref import check_indexer_args
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -149,15 +150,7 @@ def triton_unsupported_reason(q, k, weights, *, bias=None, lower=None, upper=Non
                    "bfloat16, float32)"
     if q.shape[-1] > _MAX_HEAD_DIM:
         return f"head dim {q.shape[-1]} > {_MAX_HEAD_DIM}"
-    devices = {t.device for t in (q, k, weights, bias) if t is not None}
-    if len(devices) > 1:
-        return f"tensors on several devices {sorted(map(str, devices))}"
-    device = q.device.type
-    if device == "cpu" and not _INTERPRET:
-        return "device cpu needs TRITON_INTERPRET=1"
-    if device not in ("cuda", "cpu"):
-        return f"device {device} not supported by the triton indexer kernels"
-    return None
+    return triton_device_reason((q, k, weights, bias), _INTERPRET, "triton indexer kernels")
 
 
 def _prepare(q, k, weights, bias, lower, upper, topk=None):
