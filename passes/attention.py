@@ -198,6 +198,9 @@ class AttentionPass(Pass):
 
 
 class _Site:
+    # Fills at or below this mask a position: a softmax follows, where they act as -inf.
+    masked_below = MASKED_BELOW
+
     def __init__(self, gm: fx.GraphModule, softmax: fx.Node, ctx: PassContext):
         self.gm, self.graph, self.softmax, self.ctx = gm, gm.graph, softmax, ctx
         self.constant: dict = {}
@@ -432,13 +435,13 @@ class _Site:
                 return self._split("add", args[0], mult) + self._split("add", args[1], mult)
             if target is aten.masked_fill.Scalar and self._zeros(args[0]):
                 fill = scalar(args[2], self.gm, self.constant)
-                if fill is not None and fill <= MASKED_BELOW:
+                if fill is not None and fill <= self.masked_below:
                     return self._split("blocked", args[1], fill * mult)
             if target is aten.where.self and isinstance(args[0], fx.Node):
                 a, b = (scalar(x, self.gm, self.constant) for x in args[1:3])
-                if a == 0 and b is not None and b <= MASKED_BELOW:
+                if a == 0 and b is not None and b <= self.masked_below:
                     return self._split("allowed", args[0], b * mult)
-                if b == 0 and a is not None and a <= MASKED_BELOW:
+                if b == 0 and a is not None and a <= self.masked_below:
                     return self._split("blocked", args[0], a * mult)
             return [(kind, node, mult)]
         conjunction = {"allowed": (aten.__and__.Tensor, aten.logical_and.default, aten.bitwise_and.Tensor),
@@ -460,7 +463,8 @@ class _Site:
         lower, upper, topk, biases, inputs = None, None, None, [], []
         terms = [t for term in terms for t in self._split(*term)]
         for kind, node, mult in terms:
-            band = self._band(node, kind, layout, qk)
+            # A band that enters with the wrong sign (scores - mask: +inf) stays a bias, exactly as written.
+            band = self._band(node, kind, layout, qk) if (mult > 0) == (kind == "add") else None
             if band is not None:
                 lower = band[0] if lower is None else (lower if band[0] is None else max(lower, band[0]))
                 upper = band[1] if upper is None else (upper if band[1] is None else min(upper, band[1]))
@@ -560,12 +564,12 @@ class _Site:
         src, negated = self._mask_source(node, dsgraph_ops.band_mask.default)
         if src is None:
             return None
-        rows, cols, lower, upper, dtype, _fill, invert = src.args[:7]
+        rows, cols, lower, upper, dtype, fill, invert = src.args[:7]
         if dtype == torch.bool:
             blocked = invert != negated
             if kind == "add" or blocked != (kind == "blocked"):
                 return None
-        elif kind != "add" or negated:
+        elif kind != "add" or negated or fill > self.masked_below:
             return None
         # Views only replicate the [rows, cols] band over other dims; it must land on [S, T].
         if self._canonical_shape(node, layout, qk)[-2:] != [rows, cols]:

@@ -9,7 +9,8 @@ Recognises ``sum_h(weights[..., None] * relu(q · k))`` (DeepSeek V3.2's indexer
   negative), broadcast over the keys, or the weighted head sum is ``einsum("bsht,bsh->bst", ...)``;
 - the head sum is ``.sum(dim=h)`` (``2`` or ``-2`` in the official layout), optionally followed by
   masks: added (``+ mask``, ``+= mask`` functionalised to an add, ``+ padding[:, 0]``),
-  ``masked_fill``ed or ``where``d with -inf or a large negative. Masks from the masks pass fold
+  ``masked_fill``ed or ``where``d with -inf (a finite fill such as -1e4 is a value here: no softmax
+  follows, so it stays in the graph after the op). Masks from the masks pass fold
   into the op (``band_mask`` -> ``lower``/``upper``); any other mask becomes a compact additive
   ``bias``.
 
@@ -35,7 +36,7 @@ import torch.fx as fx
 
 from dsgraph.fxutil import CASTS, call, evaluate, is_constant, scalar, val
 from dsgraph.pipeline import Pass, PassContext
-from .attention import MASKED_BELOW, Layout, Product, Reject, _see_through, _Site
+from .attention import Layout, Product, Reject, _see_through, _Site
 
 aten = torch.ops.aten
 dsgraph_ops = torch.ops.dsgraph
@@ -96,6 +97,10 @@ class IndexerPass(Pass):
 
 class _IndexerSite(_Site):
     """One weighted head sum. Reuses the attention pass's mask splitting and canonicalisation."""
+
+    # The scores are returned or ranked as they are, not softmaxed: only -inf masks (a finite fill
+    # such as -1e4 or finfo.min is a value the op would have to reproduce, so it stays in the graph).
+    masked_below = float("-inf")
 
     @classmethod
     def match(cls, gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> Optional["_IndexerSite"]:
@@ -237,7 +242,7 @@ class _IndexerSite(_Site):
 
     def _fill(self, value) -> Optional[float]:
         fill = scalar(value, self.gm, self.constant)
-        return fill if fill is not None and fill <= MASKED_BELOW else None
+        return fill if fill is not None and fill <= self.masked_below else None
 
     # --- rewriting ------------------------------------------------------------------------
     def rewrite(self) -> None:

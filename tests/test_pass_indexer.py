@@ -306,3 +306,26 @@ def test_torch_compile_trains_through_both_ops():
     assert sorted(r.op for r in report.rewrites if r.pass_name == "indexer") == ["indexer_scores", "indexer_topk"]
     assert all(r.verified for r in report.rewrites), report
     torch.testing.assert_close(got_sparse, want_sparse)
+
+
+@pytest.mark.parametrize("fill", [-1e4, torch.finfo(torch.float32).min])
+def test_finite_fills_are_values_not_masks(fill):
+    """No softmax follows the indexer scores, so a finite 'mask' value is a value: a band or a
+    padding mask written with it stays in the graph (or a bias), never the op's -inf."""
+    B, S, T, H, D = 1, 4, 6, 2, 8
+    torch.manual_seed(0)
+    pad = torch.tensor([[False, False, False, True, True, False]])
+
+    def band(q, k, w):
+        logits = torch.einsum("bshd,btd->bsht", q.float(), k.float())
+        return (w[..., None] * torch.relu(logits)).sum(dim=2) + torch.full((S, T), fill).triu(T - S + 1)
+
+    def padded(q, k, w):
+        logits = torch.einsum("bshd,btd->bsht", q.float(), k.float())
+        return (w[..., None] * torch.relu(logits)).sum(dim=2).masked_fill(pad[:, None, :], fill)
+
+    args = (torch.randn(B, S, H, D, requires_grad=True), torch.randn(B, T, D, requires_grad=True),
+            (torch.rand(B, S, H) + 1).requires_grad_())
+    for fn in (band, padded):
+        report = assert_rewrites(fn, args, pass_name="indexer", passes=PASSES)
+        assert "band" not in str(report.rewrites[-1].detail), report

@@ -1,0 +1,33 @@
+"""Argument checks the kernel families share."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def check_additive_bias(bias: Optional[torch.Tensor], full: tuple, layout: str) -> None:
+    """Raise unless ``bias`` is None or a float tensor broadcastable to ``full`` (named ``layout``)."""
+    if bias is None:
+        return
+    if not bias.is_floating_point():
+        raise ValueError(f"bias must be a float tensor (additive); got {bias.dtype}")
+    try:
+        ok = torch.broadcast_shapes(bias.shape, full) == full
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"bias {tuple(bias.shape)} must broadcast to {layout} = {full}")
+
+
+def triton_device_reason(tensors, interpret: bool, kernel: str) -> Optional[str]:
+    """None when a Triton kernel can run on the tensors' device, else the reason."""
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        return f"tensors on several devices {sorted(map(str, devices))}"
+    device = next(iter(devices)).type
+    if device == "cpu" and not interpret:
+        return "device cpu needs TRITON_INTERPRET=1"
+    if device not in ("cuda", "cpu"):
+        return f"device {device} not supported by the {kernel}"
+    return None
