@@ -14,7 +14,7 @@ Same semantics as ``indexer_ref`` (see ``dsgraph/ops/indexer.py``).
   ``tl.topk``/``tl.sort`` (3.6 on the GPU, 3.9 here) return values only, for power-of-two k.)
 - fp16/bf16 feed the tensor cores (the relu-gradient tile is rounded to the input dtype for the
   backward products, as in flash kernels); fp32 uses ``input_precision="ieee"``, never tf32.
-  Batch and row offsets are int64, so no int32 index limit applies.
+  Batch and row offsets are int64 and the operands contiguous, so no int32 index limit applies.
 """
 from __future__ import annotations
 
@@ -159,7 +159,9 @@ def _prepare(q, k, weights, bias, lower, upper, topk=None):
     if reason is not None:
         raise ValueError(f"indexer triton kernels cannot serve this call: {reason}")
     dtype = torch.promote_types(q.dtype, k.dtype)  # tl.dot takes one dtype
-    q, k = q.to(dtype), k.to(dtype)
+    # Contiguous operands keep every int32 index * stride product in the kernels below 2**31 (a
+    # permuted q has a head stride of S*D; rows and keys are widened to int64 where they meet S*T).
+    q, k = q.to(dtype).contiguous(), k.to(dtype).contiguous()
     lower = -_BIG if lower is None else max(-_BIG, min(_BIG, lower))
     upper = _BIG if upper is None else max(-_BIG, min(_BIG, upper))
     meta = dict(PREC="ieee" if dtype == torch.float32 else "tf32", BLOCK_M=_BLOCK, BLOCK_N=_BLOCK,
@@ -170,6 +172,8 @@ def _prepare(q, k, weights, bias, lower, upper, topk=None):
 def _launch_scores(q, k, weights, bias, lower, upper, meta, out):
     batch, seq, heads, dim = q.shape
     keys = k.shape[1]
+    if bias is not None:
+        bias = bias.contiguous()  # compact (broadcast dims stay size 1); key stride 1
     bias_strides = (0, 0, 0) if bias is None else bias.expand(batch, seq, keys).stride()
     grid = (triton.cdiv(seq, _BLOCK), triton.cdiv(keys, _BLOCK), batch)
     _scores_fwd[grid](q, k, weights, out if bias is None else bias, out, seq, keys, heads, dim,
@@ -189,6 +193,7 @@ def indexer_scores_triton_backward(q, k, weights, dscores, *, lower=None, upper=
     q, k, lower, upper, meta = _prepare(q, k, weights, None, lower, upper)
     batch, seq, heads, dim = q.shape
     keys = k.shape[1]
+    dscores = dscores.contiguous()  # key stride 1 (a transposed one would be S: T*S overflows int32)
     dq, dk, dweights = torch.empty_like(q), torch.empty_like(k), torch.empty_like(weights)
     _scores_bwd_dq[(triton.cdiv(seq, _BLOCK), heads, batch)](
         q, k, weights, dscores, dq, dweights, seq, keys, dim, *q.stride(), *k.stride(), *weights.stride(),
