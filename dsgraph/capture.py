@@ -63,6 +63,15 @@ def trace_aten(fn: Callable, example_inputs: Sequence[Any]) -> fx.GraphModule:
 _RECORDS_TRACES = "record_stack_traces" in inspect.signature(make_fx).parameters
 
 
+def _functional_dtype(functional, node: fx.Node) -> torch.dtype:
+    """The dtype ``functional`` returns for ``node``'s arguments (run on meta tensors)."""
+    def meta(a):
+        v = a.meta.get("val") if isinstance(a, fx.Node) else a
+        return torch.empty(v.shape, dtype=v.dtype, device="meta") if isinstance(v, torch.Tensor) else v
+    args, kwargs = torch.utils._pytree.tree_map(meta, (node.args, node.kwargs))
+    return functional(*args, **kwargs).dtype
+
+
 def functionalize_inplace(graph: fx.Graph) -> int:
     """Replace ``y = x.op_(...)`` by ``y = op(x, ...)`` where that is safe: ``x`` is a fresh
     intermediate (not an input, not a view of anything) with no alias taken before the mutation.
@@ -81,6 +90,9 @@ def functionalize_inplace(graph: fx.Graph) -> int:
         earlier = [u for u in base.users if u is not node and order[u] < order[node]]
         if any(u.target in VIEW_OPS for u in earlier):
             continue  # an alias read before the mutation would see the old value; leave it
+        mutated = node.meta.get("val")
+        if not isinstance(mutated, torch.Tensor) or _functional_dtype(functional, node) != mutated.dtype:
+            continue  # bf16 `x += fp32` stays bf16 in place; the functional form would promote
         with graph.inserting_before(node):
             new = graph.call_function(functional, node.args, node.kwargs)
         new.meta = dict(node.meta)

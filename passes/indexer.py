@@ -20,7 +20,8 @@ gradients) the site becomes ``indexer_topk`` and the [B, S, T] scores are never 
 and any ``topk`` runs on its output.
 
 Constraints (a site outside them is left alone and the report says why): float16/bfloat16/float32
-q, k and weights; keys shared by all heads and queries of a batch row; masks that do not need
+q, k and weights with the product and the head sum in float32 (as the official code casts; a
+product in bf16 rounds where the op would not); keys shared by all heads and queries of a batch row; masks that do not need
 gradients; on differentiable scores, boolean masks only as bands (a masked_fill zeroes gradients
 that an additive bias would pass). The top-k path needs fp32 scores (eager's fp32 weights give
 them; a top-k of bf16 scores ranks rounded values), else it is ``indexer_scores`` + ``torch.topk``.
@@ -46,6 +47,15 @@ PRODUCTS = {aten.einsum.default, aten.matmul.default}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def _exact_cast(node: fx.Node) -> bool:
+    """A cast the op may skip: float to a float dtype that holds every value of the source (the op
+    computes in fp32; a narrowing cast rounds, and skipping it would change the result)."""
+    if not (node.op == "call_function" and node.target in SCORE_CASTS):
+        return False
+    src, dst = val(node.args[0]).dtype, val(node).dtype
+    return src in _DTYPES and dst in _DTYPES and torch.promote_types(src, dst) == dst
+
+
 def _operand(node: fx.Node, sub: str, gm: fx.GraphModule, constant: dict) -> tuple[fx.Node, str, float]:
     """Follow casts between float dtypes the op reads, transposes/permutes/positive scalings
     (attention's ``_see_through``) and unsqueezes (dropping their letter) back to the source."""
@@ -55,7 +65,7 @@ def _operand(node: fx.Node, sub: str, gm: fx.GraphModule, constant: dict) -> tup
         factor *= f
         if node.op != "call_function":
             return node, sub, factor
-        if node.target in SCORE_CASTS and val(node.args[0]).dtype in _DTYPES and val(node).dtype in _DTYPES:
+        if _exact_cast(node):
             node = node.args[0]
         elif node.target is aten.unsqueeze.default:
             dim = node.args[1] % len(sub)
@@ -66,11 +76,11 @@ def _operand(node: fx.Node, sub: str, gm: fx.GraphModule, constant: dict) -> tup
 
 def _relu_input(node: fx.Node) -> Optional[fx.Node]:
     """The argument of ``relu`` (through casts) if ``node`` is one, else None."""
-    while node.op == "call_function" and node.target in SCORE_CASTS:
+    while _exact_cast(node):
         node = node.args[0]
     if node.op == "call_function" and node.target is aten.relu.default:
         inner = node.args[0]
-        while inner.op == "call_function" and inner.target in SCORE_CASTS:
+        while _exact_cast(inner):
             inner = inner.args[0]
         if inner.op == "call_function" and inner.target in PRODUCTS:
             return inner
@@ -117,7 +127,7 @@ class _IndexerSite(_Site):
         x, dims = node.args[0], list(node.args[1] or [])  # None / []: a full reduction
         keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
         mul = x
-        while mul.op == "call_function" and mul.target in SCORE_CASTS:
+        while _exact_cast(mul):
             mul = mul.args[0]
         if mul.op != "call_function" or mul.target is not aten.mul.Tensor or val(mul).dim() not in (3, 4):
             return False
@@ -220,7 +230,7 @@ class _IndexerSite(_Site):
             if user.op != "call_function" or not isinstance(out, torch.Tensor) or out.shape != val(node).shape:
                 break  # not an elementwise step on the scores (e.g. a mask that broadcasts them up)
             target, args = user.target, user.args
-            if target in SCORE_CASTS and args[0] is node:
+            if _exact_cast(user) and args[0] is node:
                 pass
             elif target in (aten.add.Tensor, aten.sub.Tensor) and all(isinstance(a, fx.Node) for a in args[:2]):
                 alpha = user.kwargs.get("alpha", 1)
@@ -251,6 +261,10 @@ class _IndexerSite(_Site):
         dtypes = {val(x).dtype for x in (self.q, self.k, self.w)}
         if not dtypes <= set(_DTYPES):
             raise Reject(f"q, k, weights dtypes {sorted(map(str, dtypes))} outside float16/bfloat16/float32")
+        for name, node in (("q . k", self.product), ("the weighted head sum", anchor)):
+            if val(node).dtype != torch.float32:  # eager rounds there; the op would not
+                raise Reject(f"{name} is computed in {val(node).dtype} (the op computes in float32: cast q, k "
+                             "and the weights with .float() as DeepSeek's code does)")
         result_sub = self.result_sub or "".join(c for c in self.out if c != self.h)
         last, terms = self._consumers(anchor)
         topk = self._topk_consumer(last)

@@ -128,3 +128,17 @@ def test_optimize_on_gpu_runs_the_triton_kernels_forward_and_backward():
     torch.testing.assert_close(grad, x.grad)
     (site,) = [r for r in dsgraph.explain(opt).rewrites if r.op == "attention"]
     assert site.backend == "triton", dsgraph.explain(opt)
+
+
+def test_in_place_ops_keep_their_dtype_when_captured():
+    """``bf16 += fp32`` stays bf16 in place; its functional form would promote to fp32."""
+    from dsgraph.testing import rewrite
+
+    def fn(x, mask):
+        y = x * 2
+        y += mask
+        return y
+
+    x, mask = torch.randn(4, 4, dtype=torch.bfloat16), torch.randn(4, 4)
+    gm, _ = rewrite(fn, (x, mask))
+    torch.testing.assert_close(gm(x, mask), fn(x, mask), rtol=0, atol=0)

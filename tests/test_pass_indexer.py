@@ -101,6 +101,14 @@ def _fn(case, **overrides):
 @given(indexer_cases())
 def test_indexer_rewrite(case):
     fn = _fn(case)
+    if case["dtype"] != torch.float32 and not case["cast"]:
+        # q . k in bf16/fp16 rounds in eager and would not in the op: left alone, with the reason
+        args = make_args(case, False)
+        gm, report = rewrite(fn, args, passes=PASSES)
+        assert report.count("indexer") == 0 and any("computed in" in s.reason for s in report.skipped), report
+        for got, want in zip(torch.utils._pytree.tree_leaves(gm(*args)), torch.utils._pytree.tree_leaves(fn(*args))):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        return
     if case["consumer"] == "scores":
         report = assert_rewrites(fn, make_args(case, True), pass_name="indexer", passes=PASSES)
         (site,) = [r for r in report.rewrites if r.pass_name == "indexer"]
