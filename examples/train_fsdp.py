@@ -345,6 +345,7 @@ def main(argv=None) -> dict:
                                "rank": rank, "error": str(exc).splitlines()[0]})
         raise  # no destroy_process_group: peers may be inside a collective; exiting ends the group
     if owns_group:
+        dist.barrier()  # gloo aborts a rank whose peer closes its connections while it still reads
         dist.destroy_process_group()
     return result
 
