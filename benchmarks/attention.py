@@ -75,6 +75,19 @@ def measure(fn, args, backward: bool):
         torch.cuda.empty_cache()
 
 
+def markdown_table(title: str, header: str, rows: list[str]) -> list[str]:
+    """A title line and a markdown table under it (the header gives the column count)."""
+    return [title, "", header, "|" + "---|" * (header.count("|") - 1)] + rows
+
+
+def fmt_ms(t):
+    return "OOM" if t is None else f"{t:.2f}"
+
+
+def ratio(a, b):
+    return "-" if a is None or b is None else f"{a / b:.1f}x"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqs", default="1024,2048,4096,8192,16384")
@@ -119,8 +132,7 @@ def main():
                 work = flops * (3.5 if backward else 1.0)
                 report = dsgraph.explain(optimized)
                 backend = ",".join(sorted({r.backend for r in report.rewrites if r.op == "attention"})) or "none"
-                fmt = lambda t: "OOM" if t is None else f"{t:.2f}"  # noqa: E731
-                ratio = lambda a, b: "-" if a is None or b is None else f"{a / b:.1f}x"  # noqa: E731
+                fmt = fmt_ms
                 tflops = "-" if ds_ms is None else f"{work / ds_ms / 1e9:.0f} ({work / ds_ms / 1e9 / H100_BF16_PEAK:.0%})"
                 row = (f"| {case} | {seq} | {'fwd+bwd' if backward else 'fwd'} | {fmt(eager_ms)} | {fmt(compile_ms)} | "
                        f"{fmt(ds_ms)} | {ratio(eager_ms, ds_ms)} | {ratio(compile_ms, ds_ms)} | {tflops} | "
@@ -132,7 +144,7 @@ def main():
             torch.cuda.empty_cache()
     title = (f"Attention, {gpu}, torch {torch.__version__}, triton {triton.__version__}, "
              f"{datetime.date.today()}, commit {commit}; B={B}, {HQ}/{HKV} heads x {D}, bf16, window {WINDOW}")
-    table = "\n".join([title, "", header, "|" + "---|" * (header.count("|") - 1)] + rows)
+    table = "\n".join(markdown_table(title, header, rows))
     print("\n" + table)
     if args.markdown:
         with open(args.markdown, "w") as f:

@@ -22,7 +22,7 @@ import torch
 import triton
 
 import dsgraph
-from attention import measure
+from attention import fmt_ms as fmt, markdown_table, measure, ratio
 from dsgraph.models import hadamard_transform_torch
 
 H, D, TOPK = 64, 128, 2048
@@ -66,8 +66,6 @@ def main():
     device = torch.device("cuda")
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                            text=True).stdout.strip() or "unknown"
-    fmt = lambda t: "OOM" if t is None else f"{t:.2f}"  # noqa: E731
-    ratio = lambda a, b: "-" if a is None or b is None else f"{a / b:.1f}x"  # noqa: E731
 
     header = ("| case | S | eager ms | torch.compile ms | "
               + " | ".join(f"dsgraph {b} ms" for b in BACKENDS)
@@ -141,10 +139,9 @@ def main():
 
     title = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
              f"{datetime.date.today()}, commit {commit}")
-    table = "\n".join([f"Lightning Indexer, {title}; B=1, S=T, {H} heads x {D}, bf16, top-k {TOPK}, causal", "",
-                       header, "|" + "---|" * (header.count("|") - 1)] + rows
-                      + ["", f"Hadamard (bf16, scale n^-1/2), {title}", "",
-                         h_header, "|" + "---|" * (h_header.count("|") - 1)] + h_rows)
+    table = "\n".join(markdown_table(f"Lightning Indexer, {title}; B=1, S=T, {H} heads x {D}, bf16, top-k {TOPK}, "
+                                      "causal", header, rows)
+                       + [""] + markdown_table(f"Hadamard (bf16, scale n^-1/2), {title}", h_header, h_rows))
     print("\n" + table)
     if args.markdown:
         with open(args.markdown, "w") as f:

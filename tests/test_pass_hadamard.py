@@ -186,7 +186,8 @@ def test_rows_beyond_the_checked_size_are_reported_as_skipped():
 def test_verify_checks_the_rewrite():
     x = torch.randn(3, 16)
     gm, report = rewrite(lambda t: hadamard_transform_torch(t, 0.25), [x], passes=PASSES, verify=True)
-    assert report.rewrites[0].verified is True
+    assert report.rewrites[0].verified is True and not report.rewrites[0].rolled_back
+    torch.testing.assert_close(gm(x), hadamard_transform_torch(x, 0.25))
 
 
 def test_every_layer_of_tiny_deepseek_v32_has_its_rotations_and_indexer_rewritten():
@@ -216,8 +217,9 @@ def test_every_layer_of_tiny_deepseek_v32_has_its_rotations_and_indexer_rewritte
 
 def test_the_policy_picks_the_kernel_and_says_why_not_the_others():
     x = torch.randn(4, 32)
-    _, report = rewrite(lambda t: hadamard_transform_torch(t, 0.5), [x], passes=PASSES, policy="auto")
+    gm, report = rewrite(lambda t: hadamard_transform_torch(t, 0.5), [x], passes=PASSES, policy="auto")
     (r,) = report.rewrites
+    torch.testing.assert_close(gm(x), hadamard_transform_torch(x, 0.5))
     assert r.backend in ("triton", "torch")
     assert "tilelang" in r.rejected and "CUDA" in r.rejected["tilelang"] or r.backend == "tilelang"
     assert math.isclose(float(r.detail.rsplit("scale ", 1)[1]), 0.5)
