@@ -16,15 +16,22 @@ blocks: ``src`` or a reshape/cast of it (before any arithmetic) has last dim d. 
 pattern, a non-power-of-2, an affine term, a partial butterfly (blocks the code never formed), or
 anything mixing rows never matches. The scale ``c`` is read off the coefficients.
 
+Rows longer than ``MAX_ROW`` (n x n coefficients would not fit) are checked on ``PROBES`` random
+integer vectors instead of the basis: the coefficients become [T..., PROBES] (the region applied to
+each probe, exact integer sums in float64 up to the scalings), compared with c * kron(I, H_d) applied
+to the probes within float64 rounding. A linear map other than that agrees on every probe only with
+negligible probability (each probe catches a wrong row with probability >= 1 - 2^-11).
+
 Constraints (a site outside them is left alone): the rotated row (``src``'s last dim) has at most
-``MAX_ROW`` elements, since the check materialises its n x n coefficients (larger sites that look
-like a butterfly or a constant product are listed as skipped); d >= 2; a floating result; constant
+``MAX_PROBED_ROW`` elements (larger sites that look like a butterfly or a constant product are listed
+as skipped); d >= 2; a floating result; constant
 matrices must be compile-time constants (a parameter is not); no ``detach`` inside (it changes
 gradients); the transform is on the last dim (``H x`` along another dim is not recognised).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import operator
 from typing import Any, Optional, Union
 
@@ -39,6 +46,11 @@ from dsgraph.pipeline import Pass, PassContext
 aten = torch.ops.aten
 
 MAX_ROW = 1 << 12  # 4096: the n x n float64 coefficients of one site are 128 MiB at most
+MAX_PROBED_ROW = 1 << 15  # dsgraph::hadamard's limit
+PROBES = 64
+# Entries reach n * 2^10 * scale; float64 rounding of the scalings stays below 1e-16 of that, while a
+# wrong coefficient shifts some probe by a multiple of scale / n at least.
+_PROBE_ATOL = 1e-12 * (1 << 10)
 
 CASTS = {aten.to.dtype, aten._to_copy.default, aten.type_as.default, aten.to.dtype_layout,
          aten.clone.default, aten.contiguous.default, aten.alias.default}
@@ -214,11 +226,11 @@ class HadamardPass(Pass):
         region = set(nodes)
         escaping = [n for n in nodes if any(u not in region for u in n.users)]
         n = val(src).shape[-1]
-        if n > MAX_ROW:
+        if n > MAX_PROBED_ROW:
             looks = set().union(*(reps[e].ops for e in escaping)) if escaping else set()
             if {"add", "sub"} <= looks or "matmul" in looks:
-                ctx.skip(escaping[-1], f"a linear map over rows of {n} > {MAX_ROW} elements (a butterfly or "
-                                       "constant product) is not checked for a Hadamard at compile time")
+                ctx.skip(escaping[-1], f"a linear map over rows of {n} > {MAX_PROBED_ROW} elements (a butterfly "
+                                       "or constant product) is not checked for a Hadamard at compile time")
             return
         matches = self._exact_matches(gm, src, nodes, reps)
         needed = set(escaping)
@@ -239,7 +251,8 @@ class HadamardPass(Pass):
         that the node is computed from (the earliest such)."""
         n = val(src).shape[-1]
         order = {m: i for i, m in enumerate([src, *nodes])}
-        exact = {src: _Rep(src, torch.eye(n, dtype=torch.float64), frozenset())}
+        basis = torch.eye(n, dtype=torch.float64) if n <= MAX_ROW else _probes(n)
+        exact = {src: _Rep(src, basis, frozenset())}
         readers = {m: sum(1 for u in m.users if u in order) for m in order}
         chain, matches, constants = {src}, {}, {}
         for node in nodes:
@@ -249,7 +262,7 @@ class HadamardPass(Pass):
                 continue
             if node.target in CASTS | RESHAPES and node.args[0] in chain:
                 chain.add(node)
-            found = self._check(exact[node], n)
+            found = self._check(exact[node], n, {val(a).shape[-1] for a in chain})
             if found is not None:
                 inputs = [a for a in _ancestors(node, src, order) if a in chain and val(a).shape[-1] == found[0]]
                 if inputs:
@@ -262,19 +275,32 @@ class HadamardPass(Pass):
         return matches
 
     @staticmethod
-    def _check(rep: _Rep, n: int) -> Optional[tuple[int, float]]:
-        """(d, c) if the node's coefficients are exactly c * kron(I_{n/d}, H_d) with d >= 2."""
+    def _check(rep: _Rep, n: int, blocks: set[int]) -> Optional[tuple[int, float]]:
+        """(d, c) if the node's coefficients are those of c * kron(I_{n/d}, H_d) with d in ``blocks``
+        (the row lengths the code exposed), d >= 2: exactly (the n x n basis), or on the probes within
+        float64 rounding (rows above ``MAX_ROW``)."""
         c = rep.coeff
-        if not rep.ops or not isinstance(c, Tensor) or c.numel() != n * n:
+        columns = n if n <= MAX_ROW else PROBES
+        if not rep.ops or not isinstance(c, Tensor) or c.numel() != n * columns:
             return None
-        flat = c.reshape(n, n)
-        support = flat[0].nonzero().flatten()
-        d = support.numel()
-        if d < 2 or d & (d - 1) or n % d or not torch.equal(support, torch.arange(d)):
-            return None
-        scale = float(flat[0, 0])
-        expected = torch.kron(torch.eye(n // d, dtype=torch.float64), _sylvester(d)) * scale
-        return (d, scale) if torch.equal(flat, expected) else None
+        flat = c.reshape(n, columns)
+        if columns == n:
+            support = flat[0].nonzero().flatten()
+            d = support.numel()
+            if d < 2 or d & (d - 1) or d not in blocks or not torch.equal(support, torch.arange(d)):
+                return None
+            scale = float(flat[0, 0])
+            expected = torch.kron(torch.eye(n // d, dtype=torch.float64), _sylvester(d)) * scale
+            return (d, scale) if torch.equal(flat, expected) else None
+        for d in sorted(b for b in blocks if b >= 2 and not b & (b - 1) and not n % b):
+            expected = _probed_hadamard(n, d)
+            scale = float(flat[:, 0] @ expected[:, 0] / (expected[:, 0] @ expected[:, 0]))
+            atol = _PROBE_ATOL * n * abs(scale)
+            # the first rows reject most non-matches before the full comparison
+            if scale != 0 and all(float((f - scale * e).abs().max()) <= atol
+                                  for f, e in ((flat[:8], expected[:8]), (flat, expected))):
+                return d, scale
+        return None
 
     def _replace(self, gm, ctx: PassContext, src: fx.Node, node: fx.Node, x: fx.Node, d: int, scale: float) -> None:
         out = val(node)
@@ -326,3 +352,22 @@ def _sylvester(d: int) -> Tensor:
     while h.shape[0] < d:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return h
+
+
+@functools.lru_cache(maxsize=4)
+def _probed_hadamard(n: int, d: int) -> Tensor:
+    """kron(I_{n/d}, H_d) @ _probes(n), by the butterfly (exact on integers)."""
+    x = _probes(n).reshape(n // d, d, PROBES)
+    h = 1
+    while h < d:
+        x = x.reshape(n // d, d // (2 * h), 2, h, PROBES)
+        x = torch.cat([x[:, :, :1] + x[:, :, 1:], x[:, :, :1] - x[:, :, 1:]], dim=2)
+        h *= 2
+    return x.reshape(n, PROBES)
+
+
+def _probes(n: int) -> Tensor:
+    """[n, PROBES] random integers in [-2^10, 2^10) (fixed seed: the check is reproducible)."""
+    gen = torch.Generator().manual_seed(n)
+    return torch.randint(-(1 << 10), 1 << 10, (n, PROBES), generator=gen).double()
+

@@ -3,8 +3,9 @@
 A row of n = a·b elements, read as an [a, b] matrix X, maps to H_a X H_b (Sylvester matrices are
 symmetric and H_a ⊗ H_b = H_n). A program owns R rows at a time as one [R·a, b] tile T and computes
 G (T H_b) with G = I_R ⊗ H_a (skipped when a = 1): two ``tl.dot``s, the matrices generated in
-registers from the parity of popcount(i & j). b = n up to 256 (padded to 16, the smallest dot),
-else b = 128 and a = n / 128, so n <= 16384 (a 128 x 128 tile per row).
+registers from the parity of popcount(i & j). b = n up to 128 (padded to 16, the smallest dot),
+else b = 128 and a = n / 128, so n <= 16384 (a 128 x 128 tile per row). (b = 256 would need a
+256 x 256 H_b plus the tile in shared memory: more than an H100 has.)
 
 Precision: H is exact in bf16, so the dots run on bf16 tensor cores with fp32 accumulation and the
 operands are split into bf16 parts that sum to them: x itself (bf16: 1 part, fp16: 2, both exact;
@@ -91,7 +92,7 @@ def _hadamard_kernel(X, Y, rows, n_tiles, scale,
 
 def _layout(n: int) -> tuple[int, int, int, int]:
     """(a, b, b_pad, rows per tile) for a row of n."""
-    if n <= 256:
+    if n <= 128:
         b_pad = max(n, 16)
         rows = 16 if _INTERPRET else min(128, max(16, 16384 // b_pad))
         return 1, n, b_pad, rows
