@@ -5,6 +5,9 @@
 B=1, 32 query / 8 kv heads x 128, bf16. Eager is written as models write it: repeat_kv, an additive
 -inf mask built with triu (the window from two triu's, the sink as an extra softmax column), fp32
 softmax. "causal" has no window; "window+sink" a 1024-key sliding window and a per-head sink.
+FlexAttention is torch.compile(flex_attention) with a block mask built once outside the timing (the
+sink as softmax(scores) * sigmoid(lse - sink)); "autotune" is dsgraph.optimize(fn, policy="autotune")
+with a fresh cache, so the choice is measured in this run (its candidates' times are printed).
 Times are medians of triton.testing.do_bench; fwd+bwd is out.backward(dout) after the forward.
 TFLOP/s counts the visible (unmasked) score entries only: 4*B*H*D per entry forward, 2.5x that
 backward, so every column is measured against the same useful work.
@@ -13,8 +16,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
+import os
 import subprocess
 import sys
+import tempfile
 
 import torch
 import triton
@@ -42,6 +48,33 @@ def eager_attention(q, k, v, sinks, *, window: int | None):
     if sinks is not None:
         probs = probs[..., :-1]
     return probs.to(v.dtype) @ v
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_baseline(seq: int, window: int | None, device):
+    """FlexAttention as a user writes it: a block mask for the band (built once), compiled
+    flex_attention, the sink from its lse."""
+    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask
+
+    def band(b, h, q_idx, kv_idx):
+        causal = kv_idx <= q_idx
+        return causal if window is None else causal & (q_idx - kv_idx < window)
+    # compiled: never materialises the [S, S] mask (4 GiB at S = 64k)
+    block_mask = torch.compile(create_block_mask)(band, None, None, seq, seq, device=device)
+
+    def fn(q, k, v, sinks):
+        if sinks is None:
+            return _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=True)
+        out, aux = _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=True,
+                                    return_aux=AuxRequest(lse=True))
+        keep = torch.sigmoid(aux.lse - sinks.float().view(1, -1, 1))
+        return (out.float() * keep[..., None]).to(out.dtype)
+    return fn
 
 
 def visible_pairs(seq: int, window: int | None) -> int:
@@ -98,13 +131,15 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("benchmarks/attention.py needs a CUDA GPU")
     seqs = [int(s) for s in args.seqs.split(",")]
+    os.environ["DSGRAPH_CACHE_DIR"] = tempfile.mkdtemp(prefix="dsgraph-bench-autotune-")
     device = torch.device("cuda")
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                            text=True).stdout.strip() or "unknown"
     gpu = torch.cuda.get_device_name()
     rows = []
     header = ("| case | S | pass | eager ms | torch.compile ms | dsgraph ms | vs eager | vs compile | "
-              "dsgraph TFLOP/s (% of 989) | SDPA ms | dsgraph backend |")
+              "dsgraph TFLOP/s (% of 989) | SDPA ms | dsgraph backend | FlexAttention ms | "
+              "dsgraph autotune ms | autotune backend |")
     print(header, flush=True)
     cases = [c for c in (("causal", None, False), ("window+sink", WINDOW, True)) if c[0] in args.cases.split(",")]
     for case, window, with_sink in cases:
@@ -121,6 +156,9 @@ def main():
 
             compiled = torch.compile(fn)
             optimized = dsgraph.optimize(fn)
+            # Compiled after `optimized` for each graph, so "dsgraph ms" is auto's order, not the cached choice.
+            tuned = dsgraph.optimize(fn, policy="autotune")
+            flex = flex_baseline(seq, window, device)
             flops = 4 * B * HQ * D * visible_pairs(seq, window)
             for backward in (False, True):
                 times = [measure(f, inputs, backward) for f in (fn, compiled, optimized)]
@@ -129,17 +167,26 @@ def main():
                     sdpa = measure(lambda q, k, v, s: torch.nn.functional.scaled_dot_product_attention(
                         q, k, v, is_causal=True, enable_gqa=True), inputs, backward)
                 eager_ms, compile_ms, ds_ms = times
+                flex_ms, tuned_ms = (measure(f, inputs, backward) for f in (flex, tuned))
                 work = flops * (3.5 if backward else 1.0)
                 report = dsgraph.explain(optimized)
                 backend = ",".join(sorted({r.backend for r in report.rewrites if r.op == "attention"})) or "none"
+                tuned_report = dsgraph.explain(tuned)  # fwd and fwd+bwd compile separate graphs
+                tuned_sites = [r for r in tuned_report.rewrites if r.op == "attention" and r.graph == tuned_report.graphs]
+                tuned_backend = ",".join(sorted({r.backend for r in tuned_sites})) or "none"
+                for r in tuned_sites:  # the autotune graphs: each candidate's time
+                    print(f"  autotune {case} S={seq} {'fwd+bwd' if backward else 'fwd'}: {r.tuning}: "
+                          + ", ".join(f"{b} {t:.3f} ms" if isinstance(t, float) else f"{b} {t}"
+                                      for b, t in r.timings.items()), flush=True)
                 fmt = fmt_ms
                 tflops = "-" if ds_ms is None else f"{work / ds_ms / 1e9:.0f} ({work / ds_ms / 1e9 / H100_BF16_PEAK:.0%})"
                 row = (f"| {case} | {seq} | {'fwd+bwd' if backward else 'fwd'} | {fmt(eager_ms)} | {fmt(compile_ms)} | "
                        f"{fmt(ds_ms)} | {ratio(eager_ms, ds_ms)} | {ratio(compile_ms, ds_ms)} | {tflops} | "
-                       f"{fmt(sdpa) if window is None else 'cannot express'} | {backend} |")
+                       f"{fmt(sdpa) if window is None else 'cannot express'} | {backend} | {fmt(flex_ms)} | "
+                       f"{fmt(tuned_ms)} | {tuned_backend} |")
                 rows.append(row)
                 print(row, flush=True)
-            del q, k, v, sinks, inputs, compiled, optimized
+            del q, k, v, sinks, inputs, compiled, optimized, tuned, flex
             torch._dynamo.reset()
             torch.cuda.empty_cache()
     title = (f"Attention, {gpu}, torch {torch.__version__}, triton {triton.__version__}, "

@@ -72,8 +72,8 @@ def main():
               + " | best vs eager | best vs compile | best TFLOP/s (% of 989) |")
     rows = []
     print(header, flush=True)
-    cases = [("topk", indexer_topk, False, [int(s) for s in args.seqs.split(",")]),
-             ("scores fwd+bwd", indexer_scores, True, [int(s) for s in args.scores_seqs.split(",")])]
+    cases = [("topk", indexer_topk, False, [int(s) for s in args.seqs.split(",") if s]),
+             ("scores fwd+bwd", indexer_scores, True, [int(s) for s in args.scores_seqs.split(",") if s])]
     for case, fn, backward, seqs in cases:
         for seq in seqs:
             torch.manual_seed(0)
@@ -115,7 +115,7 @@ def main():
                 + " | best GB/s (% of 3350) |")
     h_rows = []
     print(h_header, flush=True)
-    for spec in args.hadamard_rows.split(","):
+    for spec in filter(None, args.hadamard_rows.split(",")):
         n_rows, n = map(int, spec.split("x"))
         x = torch.randn(n_rows, n, device=device, dtype=torch.bfloat16)
         eager_ms = measure(hadamard, (x,), False)

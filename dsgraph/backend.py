@@ -70,10 +70,34 @@ def dsgraph_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, option
     log.info("dsgraph: graph %d: %d op(s) after rewriting, residual -> %s",
              report.graphs, len(aten_gm.graph.nodes), policy.residual)
     if policy.residual == "eager":
-        return aten_gm
+        return _recording_served(aten_gm, example_inputs, report)
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
-    return compile_fx(aten_gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)
+    compiled = compile_fx(aten_gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)
+    return _recording_served(compiled, example_inputs, report)
+
+
+def _recording_served(compiled, example_inputs: Sequence[Any], report: Report):
+    """``compiled``, noting in ``report.served`` each module of the optimized model it runs for: the
+    parameters it is called with name it (``optimize`` gives the report their names)."""
+    names: dict = getattr(report, "_parameter_names", {})
+    slots = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)]
+    if not names or not slots:
+        return compiled
+    graph, seen = report.graphs, set()
+
+    def run(*args):
+        if id(args[slots[0]]) not in seen:  # once per module: a set lookup per call
+            seen.add(id(args[slots[0]]))
+            paths = [names[id(args[i])].split(".") for i in slots if id(args[i]) in names]
+            if paths:
+                common = paths[0][:-1]
+                for path in paths[1:]:
+                    while path[:len(common)] != common:
+                        common = common[:-1]
+                report.served.setdefault(graph, []).append(".".join(common))
+        return compiled(*args)
+    return run
 
 
 class _OptimizedFunction:
@@ -129,6 +153,7 @@ def optimize(model_or_fn: Callable, *, policy: "Policy | str" = "auto", verify: 
         module = _shallow_copy(model_or_fn)  # shares _parameters/_buffers/_modules: same state_dict
         module.compile(backend=backend, dynamic=False)
         module.dsgraph_report = report
+        report._parameter_names = {id(p): name for name, p in module.named_parameters()}
         return module
     return _OptimizedFunction(model_or_fn, torch.compile(model_or_fn, backend=backend, dynamic=False), report)
 

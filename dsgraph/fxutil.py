@@ -114,7 +114,7 @@ def evaluate(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     module, inputs = subgraph_module(gm, [], node)
     assert not inputs, f"{node} is not constant"
     with unset_fake_temporarily(), torch.no_grad():
-        return module()
+        return module().detach()  # a get_attr constant may be a tensor that requires grad
 
 
 def scalar(node, gm: fx.GraphModule, cache: dict) -> Optional[float]:

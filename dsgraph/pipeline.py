@@ -10,7 +10,7 @@ import torch.fx as fx
 
 from .capture import location
 from .policy import Policy
-from .registry import BackendUnavailableError, choose
+from .registry import BackendUnavailableError, Choice, choose
 from .report import Report, Rewrite, Skip
 from .verify import check_rewrite
 
@@ -42,17 +42,21 @@ class PassContext:
     graph_id: int = 0
     requires_grad: frozenset = frozenset()
     pass_name: str = ""
+    # The last choice per op, with its autotune timings, for the rewrite that commits it.
+    _choices: dict = dataclasses.field(default_factory=dict)
 
     def choose(self, op: str, node: fx.Node, **args) -> tuple[Optional[str], dict[str, str]]:
-        """The backend for ``op`` at ``node``'s site, or ``(None, rejected)`` if none can serve it
-        (strict policies raise instead)."""
+        """The backend for ``op`` at ``node``'s site (whose output needs gradients iff ``node``
+        does), or ``(None, rejected)`` if none can serve it (strict policies raise instead)."""
         try:
-            return choose(op, self.policy, location(node), **args)
+            choice = choose(op, self.policy, location(node), requires_grad=node in self.requires_grad, **args)
         except BackendUnavailableError as exc:
             if self.policy.strict:
                 raise
             self.skip(node, str(exc))
             return None, {}
+        self._choices[op] = choice
+        return choice.backend, choice.rejected
 
     def skip(self, node: fx.Node, reason: str) -> None:
         self.report.skipped.append(Skip(self.pass_name, location(node), reason, self.graph_id))
@@ -65,6 +69,9 @@ class PassContext:
         both subgraphs run on random inputs first; a mismatch erases ``new`` and is reported."""
         record = Rewrite(self.pass_name, op, backend, location(old), dict(rejected or {}),
                          detail=detail, graph=self.graph_id)
+        choice: Optional[Choice] = self._choices.pop(op, None)
+        if choice is not None and choice.backend == backend:
+            record.timings, record.tuning = dict(choice.timings), choice.tuning_note
         self.report.rewrites.append(record)
         if self.verify:
             mismatch = check_rewrite(gm, inputs, old, new)

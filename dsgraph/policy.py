@@ -10,9 +10,14 @@ import os
 from typing import Mapping
 
 # "sdpa" first among the portable ones: where it can express a site, PyTorch's flash kernels are
-# faster than ours (see benchmarks/RESULTS.md).
-BACKENDS = ("tilelang", "sdpa", "triton", "torch")
-PRESETS = ("auto", "reference", "triton", "tilelang")
+# faster than ours (see benchmarks/RESULTS.md); likewise mamba-ssm's tuned Triton kernels (Mamba2
+# scan, decode step) before ours. "flex" (PyTorch's FlexAttention) after our Triton kernel, which
+# beats it on the bands and sinks it serves.
+BACKENDS = ("tilelang", "sdpa", "mamba_ssm", "triton", "flex", "torch")
+PRESETS = ("auto", "autotune", "reference", "triton", "tilelang")
+# How a policy uses measured choices (dsgraph/autotune.py): "off", "cached" (use a cached choice when
+# there is one, never measure), "measure" (time every backend that can serve a site, cache the winner).
+TUNING = ("off", "cached", "measure")
 RESIDUALS = ("inductor", "eager")
 ENV_VAR = "DSGRAPH_POLICY"
 
@@ -28,6 +33,7 @@ class Policy:
       are tried with a logged warning.
     - ``residual``: what compiles the graph left after rewriting: ``"inductor"`` or ``"eager"`` (debugging).
     - ``disabled_passes``: pass names not to run.
+    - ``tuning``: one of ``TUNING``; ops the policy names explicitly are never tuned.
     """
 
     order: tuple[str, ...] = BACKENDS
@@ -37,23 +43,29 @@ class Policy:
     residual: str = "inductor"
     disabled_passes: frozenset[str] = frozenset()
     name: str = "auto"
+    tuning: str = "cached"
 
     def __post_init__(self):
         for backends in (self.order, *self.ops.values()):
             _check_backends(backends)
         if self.residual not in RESIDUALS:
             raise ValueError(f"Policy.residual must be one of {RESIDUALS}, got {self.residual!r}")
+        if self.tuning not in TUNING:
+            raise ValueError(f"Policy.tuning must be one of {TUNING}, got {self.tuning!r}")
         object.__setattr__(self, "disabled_passes", frozenset(self.disabled_passes))
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "Policy":
-        """``auto``: fastest available first; ``reference``: torch only; ``triton``/``tilelang``: forced."""
+        """``auto``: fastest available first (or a cached measured choice); ``autotune``: measure on
+        the GPU at compile time; ``reference``: torch only; ``triton``/``tilelang``: forced."""
         if name == "auto":
             return cls(name=name, **overrides)
+        if name == "autotune":
+            return cls(name=name, tuning="measure", **overrides)
         if name == "reference":
-            return cls(order=("torch",), forced=True, name=name, **overrides)
+            return cls(order=("torch",), forced=True, name=name, tuning="off", **overrides)
         if name in ("triton", "tilelang"):
-            return cls(order=(name,), forced=True, name=name, **overrides)
+            return cls(order=(name,), forced=True, name=name, tuning="off", **overrides)
         raise ValueError(f"unknown policy preset {name!r}; accepted presets: {', '.join(PRESETS)}")
 
     @classmethod

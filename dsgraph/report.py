@@ -17,6 +17,10 @@ class Rewrite:
     detail: str = ""
     graph: int = 0
     rolled_back: bool = False
+    # Autotune: each candidate's time in ms (or why it has none), and how the choice was made
+    # ("measured", "cached", or why nothing was measured).
+    timings: dict[str, "float | str"] = dataclasses.field(default_factory=dict)
+    tuning: str = ""
 
 
 @dataclasses.dataclass
@@ -39,6 +43,10 @@ class Report:
         self.graphs = 0
         self.policy_name = ""
         self.residual = ""
+        # graph id -> the modules of the optimized model that graph ran for (the narrowest module holding
+        # the parameters it read), in first-call order. Dynamo reuses one compiled graph for identical
+        # layers (their parameters are graph inputs), so one graph's rewrites can serve several layers.
+        self.served: dict[int, list[str]] = {}
 
     @property
     def counts(self) -> dict[str, int]:
@@ -51,6 +59,12 @@ class Report:
     def count(self, pass_name: str) -> int:
         return self.counts.get(pass_name, 0)
 
+    def sites(self, op: str) -> list[tuple[str, Rewrite]]:
+        """Each applied rewrite of dsgraph::``op`` once per module its graph served (``""`` when
+        unknown): ``[(module path, rewrite), ...]``."""
+        return [(module, r) for r in self.rewrites if r.op == op and not r.rolled_back
+                for module in self.served.get(r.graph) or [""]]
+
     def __str__(self) -> str:
         head = (f"dsgraph report: {len(self.rewrites)} rewrite(s) in {self.graphs} graph(s), "
                 f"policy {self.policy_name or '?'}, residual graph -> {self.residual or '?'}")
@@ -60,10 +74,17 @@ class Report:
         for r in self.rewrites:
             verified = {None: "-", True: "yes", False: "MISMATCH, rolled back"}[r.verified]
             why = "; ".join(f"{b}: {reason}" for b, reason in r.rejected.items())
+            if r.timings or r.tuning:
+                timed = ", ".join(f"{b} {t:.3g} ms" if isinstance(t, float) else f"{b} {t}"
+                                  for b, t in r.timings.items())
+                tuning = r.tuning if r.tuning.startswith("autotune") else f"autotune ({r.tuning})"
+                why = "; ".join(x for x in (f"{tuning}: {timed}" if timed else tuning, why) if x)
             if r.detail:
                 why = f"{r.detail}. {why}" if why else r.detail
             rows.append((str(r.graph), r.pass_name, r.op, r.backend or "-", verified, r.location, why))
         lines = [head, _table(rows)] if len(rows) > 1 else [head]
+        lines += [f"graph {g} ran for {len(ms)} modules: {', '.join(ms)}"
+                  for g, ms in self.served.items() if len(ms) > 1]
         if self.skipped:
             lines.append("sites left alone:")
             lines += [f"  [graph {s.graph}] {s.pass_name} at {s.location}: {s.reason}" for s in self.skipped]

@@ -1,10 +1,14 @@
 """dsgraph quickstart: an eager transformer block -> dsgraph.optimize -> report, error, timing.
 
-    python examples/quickstart.py
+    python examples/quickstart.py [--autotune]
+
+``--autotune``: choose each site's kernel by timing the candidates on the GPU (policy "autotune";
+the report shows their times, and later runs with the default policy reuse the cached choice).
 
 The block is written the way models are: GQA with repeat_kv, an fp32 softmax, a causal mask from
 ``triu`` and a padding mask from ``attention_mask``. Runs on the GPU when there is one.
 """
+import argparse
 import logging
 import time
 
@@ -57,6 +61,9 @@ def timed(fn, *args, repeat=5):
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--autotune", action="store_true", help='policy "autotune" instead of "auto"')
+    args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -68,7 +75,7 @@ def main():
     attention_mask[1, : S // 4] = 0  # left padding in the second sequence
 
     start = time.perf_counter()
-    optimized = dsgraph.optimize(block, verify=True)
+    optimized = dsgraph.optimize(block, verify=True, policy="autotune" if args.autotune else "auto")
     with torch.no_grad():
         out = optimized(x, attention_mask)
         print(f"compiled in {time.perf_counter() - start:.1f} s on {device}")

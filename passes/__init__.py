@@ -1,13 +1,20 @@
 """dsgraph's graph passes (installed as ``dsgraph.passes``)."""
 from .attention import AttentionPass
+from .conv1d import CausalConv1dPass
+from .gated_norm import GatedNormPass
 from .hadamard import HadamardPass
 from .indexer import IndexerPass
 from .masks import MaskPass
+from .mla_absorb import MLAAbsorbPass
+from .ssd import SSDPass
+from .sparse_attention import SparseAttentionPass
 
 
 def default_passes():
     """All passes, in any order: the pipeline orders them by what they need and provide."""
-    return [AttentionPass(), HadamardPass(), IndexerPass(), MaskPass()]
+    return [AttentionPass(), CausalConv1dPass(), GatedNormPass(),
+            HadamardPass(), IndexerPass(), MaskPass(), SparseAttentionPass(), MLAAbsorbPass(), SSDPass()]
 
 
-__all__ = ["AttentionPass", "HadamardPass", "IndexerPass", "MaskPass", "default_passes"]
+__all__ = ["AttentionPass", "CausalConv1dPass", "GatedNormPass",
+           "HadamardPass", "IndexerPass", "MaskPass", "MLAAbsorbPass", "SparseAttentionPass", "SSDPass", "default_passes"]

@@ -30,6 +30,7 @@ import torch
 import torch.fx as fx
 
 from dsgraph.fxutil import CASTS, call, scalar, strip, val
+from dsgraph.kernels.attention_flex import attention_flex
 from dsgraph.pipeline import Pass, PassContext
 
 aten = torch.ops.aten
@@ -258,6 +259,8 @@ class _Site:
                     bias = call(self.graph, aten.to.dtype, bias, compute_dtype, like=pv_node)
                 out = call(self.graph, aten.scaled_dot_product_attention.default, q4, k4, v4, bias, 0.0,
                            upper == 0, scale=scale, enable_gqa=group > 1, like=pv_node)
+            elif backend == "flex":  # PyTorch's FlexAttention: Inductor lowers it, forward and backward
+                out = call(self.graph, attention_flex, q4, k4, v4, sink, scale, lower, upper, like=pv_node)
             else:
                 fused = call(self.graph, dsgraph_ops.attention.default, q4, k4, v4, sink, bias, topk, scale,
                              lower, upper, backend, like=pv_node)

@@ -1,8 +1,13 @@
-"""Test set-up: hypothesis profiles, the Triton interpreter on CPU machines, the ``gpu`` marker."""
+"""Test set-up: hypothesis profiles, the Triton interpreter on CPU machines, the ``gpu`` marker, a
+private autotune cache."""
 import json
 import os
+import tempfile
 
 import torch
+
+# The suite neither reads nor writes the user's autotune cache (dsgraph/autotune.py).
+os.environ["DSGRAPH_CACHE_DIR"] = tempfile.mkdtemp(prefix="dsgraph-test-cache-")
 
 if not torch.cuda.is_available():
     # Triton kernels run on CPU tensors under the interpreter; set before triton is imported.
@@ -50,3 +55,11 @@ def _write_checkpoint(path, tensors: dict, config: dict, n_shards: int = 2) -> N
 @pytest.fixture
 def write_checkpoint():
     return _write_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles from scratch: compiled frames of the same model code would otherwise pile
+    up across tests until Dynamo's recompile limit sends a frame to plain eager, unrewritten."""
+    torch._dynamo.reset()
+    yield

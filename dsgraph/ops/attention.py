@@ -19,7 +19,7 @@ from ..registry import KernelImpl, kernel, register_kernel
 from .dtensor import reject_dtensor
 
 # Backends whose forward does not produce the log-sum-exp (their backward recomputes instead).
-_NO_LSE = {"sdpa"}
+_NO_LSE = {"sdpa", "flex"}
 
 
 @torch.library.custom_op("dsgraph::attention", mutates_args=())
@@ -115,12 +115,49 @@ def _sdpa_backward(q, k, v, out, lse, dout, **kw):
     return attention_sdpa_backward(q, k, v, dout, **kw)
 
 
+def _flex_unsupported(q, k, v, **kw):
+    from ..kernels.attention_flex import flex_unsupported_reason
+    return flex_unsupported_reason(q, k, v, **kw)
+
+
+def _flex_forward(q, k, v, **kw):
+    from ..kernels.attention_flex import attention_flex_op
+    return attention_flex_op(q, k, v, **kw)
+
+
+def _flex_backward(q, k, v, out, lse, dout, **kw):
+    from ..kernels.attention_flex import attention_flex_op_backward
+    return attention_flex_op_backward(q, k, v, dout, **kw)
+
+
+def _custom_op_runner(backend):
+    """Autotune's view of a backend served through ``dsgraph::attention``: the op and its backward."""
+    def run(q, k, v, *, scale, sink=None, bias=None, topk=None, lower=None, upper=None):
+        bias = None if bias is None else bias.detach()  # never differentiated
+        return attention(q, k, v, sink, bias, topk, scale, lower, upper, backend)[0]
+    return run
+
+
+def _sdpa_run(q, k, v, *, bias=None, **kw):
+    from ..kernels.attention_sdpa import attention_sdpa
+    return attention_sdpa(q, k, v, bias=None if bias is None else bias.detach(), **kw)[0]
+
+
+def _flex_run(q, k, v, *, scale, sink=None, lower=None, upper=None, **_):
+    from ..kernels.attention_flex import compiled_attention_flex
+    return compiled_attention_flex()(q, k, v, sink, scale, lower, upper)
+
+
 register_kernel(KernelImpl("attention", "torch", _torch_forward, _torch_backward,
-                           unsupported=lambda q, k, v, **kw: None))
+                           unsupported=lambda q, k, v, **kw: None, run=_custom_op_runner("torch")))
 register_kernel(KernelImpl("attention", "triton", _triton_forward, _triton_backward,
-                           unsupported=_triton_unsupported))
+                           unsupported=_triton_unsupported, run=_custom_op_runner("triton")))
+# sdpa and flex: the attention pass emits PyTorch's own ops into the graph (Inductor lowers them,
+# forward and backward); the kernels here serve direct calls of the custom op.
 register_kernel(KernelImpl("attention", "sdpa", _sdpa_forward, _sdpa_backward,
-                           unsupported=_sdpa_unsupported))
+                           unsupported=_sdpa_unsupported, run=_sdpa_run))
+register_kernel(KernelImpl("attention", "flex", _flex_forward, _flex_backward, unsupported=_flex_unsupported,
+                           run=_flex_run))
 
 
 reject_dtensor("attention", "attention_backward")

@@ -1,0 +1,288 @@
+"""Backend choice by measurement: policy ``"autotune"`` times every backend that can serve a site,
+at compile time on the GPU, on the site's shapes, and caches the fastest on disk; ``"auto"`` takes a
+cached choice when there is one.
+
+The cache (``$DSGRAPH_CACHE_DIR/autotune.json``, default ``~/.cache/dsgraph/autotune.json``) maps a
+key — op, the arguments' dtypes, shapes and strides, the scalar arguments, whether the site needs
+gradients, the device's name and the torch / triton / tilelang / dsgraph versions (dsgraph's
+includes a hash of its kernel sources) — to the winner and every candidate's time. An entry of
+another version or device is simply another key. A file that does not parse, an entry of the wrong
+form, or a cached winner that cannot serve the site any more is ignored with a warning and, under
+``"autotune"``, measured again and rewritten; writes are atomic (a temporary file renamed over the
+cache, under a lock so concurrent processes do not lose each other's entries).
+
+The timer is injectable (:func:`use_timer`) so the cache logic is tested without a GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import hashlib
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import pathlib
+import tempfile
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+log = logging.getLogger("dsgraph")
+
+CACHE_ENV = "DSGRAPH_CACHE_DIR"
+_FORMAT = 1
+# A candidate whose first call takes longer than this many times the best so far is not timed again.
+_GIVE_UP = 10.0
+_BUDGET_MS = 200.0  # timed calls per candidate: as many as fit, 1..50
+
+
+class CannotTime(RuntimeError):
+    """The timer cannot measure anything here (e.g. no GPU): autotune keeps the policy's order."""
+
+
+# (op, backend, args, requires_grad, best_ms so far or None) -> ms per call
+Timer = Callable[[str, str, dict, bool, Optional[float]], float]
+
+
+def cache_path() -> pathlib.Path:
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "dsgraph")
+    return pathlib.Path(root) / "autotune.json"
+
+
+# --- the key --------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def versions() -> dict[str, Optional[str]]:
+    def version(name):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+    here = pathlib.Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted([*here.glob("kernels/*.py"), *here.glob("ops/*.py")]):
+        digest.update(path.name.encode() + path.read_bytes())
+    return {"torch": torch.__version__, "triton": version("triton"), "tilelang": version("tilelang"),
+            "dsgraph": f"{version('dsgraph')}+{digest.hexdigest()[:12]}"}
+
+
+def _describe(value) -> Any:
+    if isinstance(value, torch.Tensor):
+        return [str(value.dtype).removeprefix("torch."), list(value.shape), list(value.stride())]
+    if isinstance(value, float):
+        return repr(value)  # exact
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return repr(value)
+
+
+def device_name(args: dict) -> str:
+    device = next((v.device for v in args.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+def cache_key(op: str, args: dict, requires_grad: bool) -> str:
+    return json.dumps({"op": op, "grad": requires_grad, "device": device_name(args), "versions": versions(),
+                       "args": {name: _describe(v) for name, v in sorted(args.items())}}, sort_keys=True)
+
+
+# --- the cache file -------------------------------------------------------------------------------
+
+def _load(path: pathlib.Path) -> dict:
+    """The cache's entries; a missing file is empty, an unreadable one is empty with a warning."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        log.warning("dsgraph autotune: cannot read %s (%s); ignoring it", path, exc)
+        return {}
+    try:
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.get("format") != _FORMAT or not isinstance(data.get("entries"), dict):
+            raise ValueError(f"not a format-{_FORMAT} dsgraph autotune cache")
+    except ValueError as exc:
+        log.warning("dsgraph autotune: ignoring corrupt cache %s (%s); it will be rewritten", path, exc)
+        return {}
+    return data["entries"]
+
+
+def _valid_entry(entry) -> Optional[str]:
+    """None if ``entry`` has the form :func:`_store` writes, else what is wrong."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("backend"), str):
+        return "no backend"
+    timings = entry.get("timings")
+    if not isinstance(timings, dict) or not all(isinstance(b, str) for b in timings):
+        return "no timings"
+    best = timings.get(entry["backend"])
+    if not isinstance(best, (int, float)) or not math.isfinite(best) or best <= 0:
+        return f"the winner's time {best!r} is not a positive number"
+    if any(isinstance(t, (int, float)) and t < best for t in timings.values()):
+        return "the winner is not the fastest candidate"
+    return None
+
+
+@contextlib.contextmanager
+def _locked(path: pathlib.Path) -> Iterator[None]:
+    import fcntl
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _store(path: pathlib.Path, key: str, entry: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(path):
+            entries = _load(path)
+            entries[key] = entry
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump({"format": _FORMAT, "entries": entries}, f, indent=1, sort_keys=True)
+                os.replace(tmp, path)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+    except OSError as exc:  # a read-only home must not fail the compile
+        log.warning("dsgraph autotune: cannot write %s (%s); the choice is not cached", path, exc)
+
+
+# --- timing ---------------------------------------------------------------------------------------
+
+def _materialize(fake, requires_grad: bool) -> Any:
+    """A real tensor with ``fake``'s dtype, shape, strides and device (random values; integer
+    tensors are zeros, a valid index everywhere). With ``requires_grad`` every floating tensor is a
+    leaf that needs gradients (a runner detaches the arguments its op never differentiates)."""
+    if not isinstance(fake, torch.Tensor):
+        return fake
+    span = 1 + sum((n - 1) * s for n, s in zip(fake.shape, fake.stride()) if n > 0)
+    if fake.dtype.is_floating_point:
+        flat = torch.randn(span, dtype=fake.dtype, device=fake.device)
+    else:
+        flat = torch.zeros(span, dtype=fake.dtype, device=fake.device)
+    real = flat.as_strided(fake.shape, fake.stride())
+    if requires_grad and fake.dtype.is_floating_point:
+        real = real.detach().requires_grad_(True)
+    return real
+
+
+def _bench(step: Callable[[], Any], best_ms: Optional[float]) -> float:
+    step()  # compiles and warms up
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    step()
+    end.record()
+    end.synchronize()
+    first = start.elapsed_time(end)
+    if best_ms is not None and first > _GIVE_UP * best_ms:
+        return first
+    calls = max(1, min(50, int(_BUDGET_MS / max(first, 1e-3))))
+    start.record()
+    for _ in range(calls):
+        step()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / calls
+
+
+def time_on_gpu(op: str, backend: str, args: dict, requires_grad: bool, best_ms: Optional[float] = None) -> float:
+    """Milliseconds per call of what the rewritten graph runs for ``backend`` at a site
+    (``KernelImpl.run``), forward or forward + backward, on random inputs of the site's layout."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from .registry import kernel
+    device = next((v.device for v in args.values() if isinstance(v, torch.Tensor)), None)
+    if device is None or device.type != "cuda" or not torch.cuda.is_available():
+        raise CannotTime("no GPU")
+    impl = kernel(op, backend)
+    if impl.run is None:
+        raise CannotTime(f"the {backend} kernel of dsgraph::{op} declares no runner to time")
+    with unset_fake_temporarily(), torch.cuda.device(device):
+        real = {name: _materialize(v, requires_grad) for name, v in args.items()}
+        leaves = [v for v in real.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+
+        def step():
+            if not requires_grad:
+                with torch.no_grad():
+                    return impl.run(**real)
+            out = impl.run(**real)
+            outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,))
+                    if isinstance(o, torch.Tensor) and o.requires_grad]
+            torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs], allow_unused=True)
+        try:
+            return _bench(step, best_ms)
+        finally:
+            real.clear()
+            leaves.clear()
+            torch.cuda.empty_cache()
+
+
+_TIMER: Timer = time_on_gpu
+
+
+@contextlib.contextmanager
+def use_timer(timer: Timer) -> Iterator[None]:
+    """Time candidates with ``timer(op, backend, args, requires_grad, best_ms) -> ms`` instead of on
+    the GPU (it raises :class:`CannotTime` where it cannot measure anything)."""
+    global _TIMER
+    previous, _TIMER = _TIMER, timer
+    try:
+        yield
+    finally:
+        _TIMER = previous
+
+
+# --- the choice -----------------------------------------------------------------------------------
+
+def tune(op: str, usable: list[str], args: dict, *, requires_grad: bool, measure: bool,
+         site: str) -> tuple[str, dict, str]:
+    """``(backend, timings, note)`` for a site that the backends ``usable`` (in the policy's order)
+    can serve: a valid cached choice; else, with ``measure``, the fastest of them (then cached);
+    else the first."""
+    path = cache_path()
+    key = cache_key(op, args, requires_grad)
+    entry = _load(path).get(key)
+    if entry is not None:
+        problem = _valid_entry(entry)
+        if problem is None and entry["backend"] not in usable:
+            problem = f"its backend {entry['backend']} cannot serve the site now"
+        if problem is None:
+            return entry["backend"], dict(entry["timings"]), "cached"
+        log.warning("dsgraph autotune: ignoring the cached choice for %s at %s (%s)%s", op, site, problem,
+                    "; measuring again" if measure else "")
+    if not measure:
+        return usable[0], {}, ""
+    if len(usable) == 1:
+        return usable[0], {}, "autotune: the only candidate"
+    timings: dict[str, "float | str"] = {}
+    best: Optional[float] = None
+    for backend in usable:
+        try:
+            ms = float(_TIMER(op, backend, args, requires_grad, best))
+        except CannotTime as exc:
+            return usable[0], {}, f"autotune: {exc}, the policy's order"
+        except Exception as exc:  # noqa: BLE001  a candidate that fails to run loses, with the reason shown
+            message = str(exc).splitlines()[0] if str(exc) else ""
+            timings[backend] = f"failed ({type(exc).__name__}: {message[:120]})"
+            log.warning("dsgraph autotune: %s backend %s failed when timed at %s: %s", op, backend, site, exc)
+            continue
+        timings[backend] = ms
+        best = ms if best is None else min(best, ms)
+    if best is None:
+        return usable[0], timings, "autotune: no candidate ran, the policy's order"
+    winner = next(b for b in usable if timings.get(b) == best)
+    _store(path, key, {"backend": winner, "timings": timings, "site": site,
+                       "measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+    log.info("dsgraph autotune: %s at %s -> %s (%s)", op, site, winner,
+             ", ".join(f"{b} {t:.3g} ms" if isinstance(t, float) else f"{b} {t}" for b, t in timings.items()))
+    return winner, timings, "measured"

@@ -1,0 +1,176 @@
+"""TileLang sparse MLA kernels (dsgraph/kernels/sparse_attention_tilelang.py).
+
+On CPU: the forward, backward and delta kernels are built for sm_90a (TileLang lowering + nvcc, no
+GPU needed) and the Hopper paths are checked in the CUDA source. On an H100 (``-m gpu``): forward
+and backward against the torch reference ``dsgraph.kernels.sparse_attention_ref`` computed in fp32,
+at DeepSeek V3.2 sizes and at awkward shapes.
+"""
+import shutil
+
+import pytest
+import torch
+
+from dsgraph.kernels.sparse_attention_ref import sparse_attention_ref, sparse_attention_ref_backward
+
+tilelang = pytest.importorskip("tilelang", reason="tilelang not installed")
+from dsgraph.kernels.sparse_attention_tilelang import (compile_for_sm90a, sparse_mla_bwd_tilelang,  # noqa: E402
+                                                       sparse_mla_fwd_tilelang, tilelang_unsupported_reason)
+
+D_QK, D_V = 576, 512
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_kernels_compile_for_sm90a():
+    built = compile_for_sm90a()
+    assert set(built) == {"fwd", "bwd", "delta"}
+    fwd = built["fwd"].get_kernel_source()
+    assert "wgmma" in fwd  # Hopper tensor cores, not an mma.sync fallback
+    assert "warpgroup_reg_alloc" in fwd and "warpgroup_reg_dealloc" in fwd  # warp-specialised (setmaxnreg)
+    # The producer gathers with zero-filling cp.async and waits for its own copies before its release
+    # arrive on the buffer's mbarrier (the consumers rely on both).
+    assert "cp_async_gs_conditional<16>" in fwd and "cp_async_wait<0>" in fwd
+    assert fwd.count(".arrive()") >= 6 and ".wait(" in fwd
+    assert fwd.count("(Out + ") == 2  # each consumer warpgroup stores its half of O
+    bwd = built["bwd"].get_kernel_source()
+    assert "wgmma" in bwd and "AtomicAddx4" in bwd
+
+
+def test_unsupported_reasons_on_cpu():
+    q = torch.zeros(1, 4, 16, D_QK, dtype=torch.bfloat16)
+    kv = torch.zeros(1, 8, 1, D_QK, dtype=torch.bfloat16)
+    idx = torch.zeros(1, 4, 1, 8, dtype=torch.int32)
+    assert "CUDA" in tilelang_unsupported_reason(q, kv, idx, scale=0.1, d_v=D_V)
+    with pytest.raises(ValueError, match="cannot serve"):
+        sparse_mla_fwd_tilelang(q, kv, idx, scale=0.1, d_v=D_V)
+    with pytest.raises(ValueError, match="batch and query length"):
+        sparse_mla_fwd_tilelang(q, kv, idx[:, :3], scale=0.1, d_v=D_V)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU (H100 / sm_90)
+# --------------------------------------------------------------------------------------------
+def _gpu_only():
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("needs an sm_90 GPU")
+
+
+def _causal_topk(gen, batch, seq, keys, topk):
+    """Distinct random keys per row among the causally valid ones (j <= s + T - S), -1 where a row
+    has fewer than K (sorted order is irrelevant to the kernels)."""
+    score = torch.rand(batch, seq, keys, device="cuda", generator=gen)
+    rows = torch.arange(seq, device="cuda")[:, None] + keys - seq
+    score = score.masked_fill(torch.arange(keys, device="cuda")[None, :] > rows, -1.0)
+    k = min(topk, keys)
+    vals, idx = score.topk(k, dim=-1)
+    idx = idx.masked_fill(vals < 0, -1).int()
+    if k < topk:
+        idx = torch.cat([idx, idx.new_full((batch, seq, topk - k), -1)], dim=-1)
+    return idx
+
+
+def _inputs(batch, seq, keys, heads, topk, seed=0, junk=False):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(batch, seq, heads, D_QK, device="cuda", generator=gen).bfloat16()
+    kv = torch.randn(batch, keys, 1, D_QK, device="cuda", generator=gen).bfloat16()
+    dout = torch.randn(batch, seq, heads, D_V, device="cuda", generator=gen).bfloat16()
+    idx = _causal_topk(gen, batch, seq, keys, topk)
+    if junk:  # -1, >= T and causally invalid entries scattered among the valid ones
+        kinds = torch.randint(0, 8, idx.shape, device="cuda", generator=gen)
+        idx = torch.where(kinds == 0, -1, idx)
+        idx = torch.where(kinds == 1, keys + 7, idx)
+        future = torch.arange(seq, device="cuda")[None, :, None] + keys - seq + 1
+        idx = torch.where((kinds == 2) & (future < keys), future, idx)
+        idx[:, 0] = -1  # a row without any valid key
+    return q, kv, idx[:, :, None].contiguous(), dout
+
+
+def _ref(q, kv, idx, dout, scale):
+    """fp32 oracle on the bf16 values (the kernels accumulate in fp32 from bf16 operands)."""
+    qf, kf = q.float(), kv.float()
+    kw = dict(scale=scale, d_v=D_V, upper=kv.shape[1] - q.shape[1])
+    out, lse = sparse_attention_ref(qf, kf, None, idx[:, :, 0], **kw)
+    dq, dkv, _ = sparse_attention_ref_backward(qf, kf, None, out, lse, dout.float(), idx[:, :, 0], **kw)
+    return out, lse, dq, dkv
+
+
+def _close(actual, expected, tol, name):
+    """Max abs error relative to the tensor's max: the kernels round P / dS to bf16 before their
+    second products (as FlashMLA does), so errors scale with the tensor, not element by element."""
+    actual, expected = actual.float(), expected.float()
+    err = (actual - expected).abs().max().item()
+    ref = expected.abs().max().clamp_min(1e-6).item()
+    assert err <= tol * ref, f"{name}: max error {err:.3g} > {tol} x max |ref| {ref:.3g}"
+
+
+def _check(q, kv, idx, dout):
+    scale = D_QK ** -0.5
+    out, lse = sparse_mla_fwd_tilelang(q, kv, idx, scale=scale, d_v=D_V)
+    ref_out, ref_lse, ref_dq, ref_dkv = _ref(q, kv, idx, dout, scale)
+    assert out.shape == (*q.shape[:3], D_V) and out.dtype == torch.bfloat16
+    assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)), "rows without valid keys differ"
+    finite = ref_lse.isfinite()
+    torch.testing.assert_close(lse[finite], ref_lse[finite], rtol=1e-5, atol=1e-3)  # fp32 sums of fp32 scores
+    assert (out[~finite] == 0).all()
+    _close(out, ref_out, 1e-2, "out")
+    dq, dkv = sparse_mla_bwd_tilelang(q, kv, out, dout, idx, lse, scale=scale, d_v=D_V)
+    assert dq.shape == q.shape and dq.dtype == torch.bfloat16
+    assert dkv.shape == kv.shape and dkv.dtype == torch.float32
+    assert (dq[~finite] == 0).all()
+    _close(dq, ref_dq, 2e-2, "dq")
+    _close(dkv, ref_dkv, 2e-2, "dkv")
+
+
+@pytest.mark.gpu
+def test_deepseek_v32_size():
+    _gpu_only()
+    _check(*_inputs(1, 4096, 4096, 128, 2048))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,seq,keys,heads,topk,junk", [
+    (2, 300, 300, 16, 100, True),     # H < 64 (padded), K not a multiple of any block, junk entries
+    (1, 200, 333, 100, 512, True),    # T > S (offset causal bound), H = 64 + 36, T < K
+    (1, 257, 257, 128, 1000, False),  # T < K: most slots of the early rows are -1
+    (2, 64, 4096, 64, 2048, False),   # decode-like: few queries over a long cache
+])
+def test_awkward_shapes(batch, seq, keys, heads, topk, junk):
+    _gpu_only()
+    _check(*_inputs(batch, seq, keys, heads, topk, seed=batch + heads, junk=junk))
+
+
+@pytest.mark.gpu
+def test_views_and_int64_indices():
+    _gpu_only()
+    q, kv, idx, dout = _inputs(1, 128, 256, 64, 192, junk=True)
+    flat = torch.empty(kv.numel() + 1, dtype=kv.dtype, device="cuda")
+    kv_odd = flat[1:].view(kv.shape).copy_(kv)  # 2-byte offset: cp.async needs 16-byte aligned rows
+    idx64 = idx.long()
+    idx64[..., -1] = 1 << 40  # past T and past int32: still skipped
+    out, lse = sparse_mla_fwd_tilelang(q, kv_odd, idx64, scale=0.05, d_v=D_V)
+    idx[..., -1] = -1
+    ref_out, ref_lse = sparse_mla_fwd_tilelang(q, kv, idx, scale=0.05, d_v=D_V)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+
+
+@pytest.mark.gpu
+def test_no_keys_at_all():
+    _gpu_only()
+    q, kv, idx, dout = _inputs(1, 16, 16, 64, 8)
+    for keys in (idx.new_full(idx.shape, -1), idx[..., :0]):
+        out, lse = sparse_mla_fwd_tilelang(q, kv, keys, scale=0.1, d_v=D_V)
+        assert (out == 0).all() and torch.isneginf(lse).all()
+        dq, dkv = sparse_mla_bwd_tilelang(q, kv, out, dout, keys, lse, scale=0.1, d_v=D_V)
+        assert (dq == 0).all() and (dkv == 0).all()
+
+
+@pytest.mark.gpu
+def test_unsupported_reasons_on_gpu():
+    _gpu_only()
+    q, kv, idx, _ = _inputs(1, 8, 16, 16, 8)
+    assert tilelang_unsupported_reason(q, kv, idx, scale=0.1, d_v=D_V) is None
+    assert "dtype" in tilelang_unsupported_reason(q.half(), kv.half(), idx, scale=0.1, d_v=D_V)
+    assert "dims" in tilelang_unsupported_reason(q[..., :192], kv[..., :192], idx, scale=0.1, d_v=128)
+    assert "kv heads" in tilelang_unsupported_reason(q, kv.expand(-1, -1, 2, -1), idx, scale=0.1, d_v=D_V)
+    assert "scale" in tilelang_unsupported_reason(q, kv, idx, scale=-1.0, d_v=D_V)
+    assert "indices dtype" in tilelang_unsupported_reason(q, kv, idx.float(), scale=0.1, d_v=D_V)
