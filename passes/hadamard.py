@@ -121,7 +121,7 @@ class HadamardPass(Pass):
         def const_matrix(arg) -> Tensor:
             if not (isinstance(arg, fx.Node) and is_constant(arg, constants) and val(arg).dim() == 2):
                 raise _NotLinear
-            return torch.empty(val(arg).shape, device="meta") if meta else evaluate(gm, arg).double()
+            return torch.empty(val(arg).shape, device="meta") if meta else evaluate(gm, arg).double().cpu()
 
         coeff, op = self._transfer(gm, node, get, const_matrix, constants)
         src = found[0].src

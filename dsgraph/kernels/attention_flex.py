@@ -18,6 +18,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .common import with_autograd
+
 _BLOCK = 128  # FlexAttention's default sparse block size
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -129,7 +131,7 @@ def attention_flex_op_backward(q, k, v, dout, *, scale, sink=None, bias=None, lo
     """(dq, dk, dv, dsink) by recomputing the forward under autograd."""
     leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
     sink_leaf = None if sink is None else sink.detach().requires_grad_(True)
-    with torch.enable_grad():
+    with with_autograd(), torch.enable_grad():
         out = attention_flex(*leaves, sink_leaf, scale, lower, upper)
         grads = torch.autograd.grad(out, leaves + ([sink_leaf] if sink is not None else []), dout)
     return (*grads[:3], grads[3] if sink is not None else None)

@@ -31,3 +31,15 @@ def triton_device_reason(tensors, interpret: bool, kernel: str) -> Optional[str]
     if device not in ("cuda", "cpu"):
         return f"device {device} not supported by the {kernel}"
     return None
+
+
+def with_autograd():
+    """Custom-op kernels run below autograd (its dispatch keys excluded from the thread's key set): a
+    backward that recomputes its forward under autograd lifts that exclusion while it runs (with
+    ``torch.enable_grad()``). Removing one per-backend autograd key clears the shared autograd
+    functionality bit, so CUDA is covered too."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (torch._C.DispatchKey.AutogradCPU, torch._C.DispatchKey.AutogradOther,
+                torch._C.DispatchKey.AutogradNestedTensor):
+        exclude = exclude.remove(key)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)

@@ -14,17 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .common import with_autograd
+
 _BLOCK_BYTES = 256 << 20
-
-
-def _with_autograd():
-    """Custom-op kernels run below autograd (its dispatch keys excluded from the thread's key set); the
-    backward recomputes blocks with autograd, so it lifts that exclusion while it runs."""
-    exclude = torch._C._dispatch_tls_local_exclude_set()
-    for key in (torch._C.DispatchKey.AutogradCPU, torch._C.DispatchKey.AutogradOther,
-                torch._C.DispatchKey.AutogradNestedTensor):
-        exclude = exclude.remove(key)
-    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
 
 
 def check_ssd_args(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
@@ -137,7 +129,7 @@ def ssd_scan_ref_backward(dy: Tensor, dfinal: Tensor, x: Tensor, dt: Tensor, A: 
                           initial_states: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
     """Gradients (dx, ddt, dA, dB, dC, dD, dz, dinitial_states) in the inputs' dtypes (None for absent
     inputs), one block at a time."""
-    with _with_autograd():
+    with with_autograd():
         return _backward(dy, dfinal, x, dt, A, B, C, chunk_size, D, z, initial_states)
 
 
