@@ -121,21 +121,40 @@ def ratio(a, b):
     return "-" if a is None or b is None else f"{a / b:.1f}x"
 
 
+def parse_bench_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Add the arguments every benchmark takes (``--commit``, ``--markdown``), parse, exit without a
+    CUDA GPU, and fill ``args.commit`` from git where it was not given."""
+    parser.add_argument("--commit", default=None, help="the commit measured (where the copy has no .git)")
+    parser.add_argument("--markdown", default=None, help="also write the tables to this file")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit(f"benchmarks/{parser.prog} needs a CUDA GPU")
+    args.commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                                text=True).stdout.strip() or "unknown"
+    return args
+
+
+def run_label(commit: str) -> str:
+    """What a table's numbers depend on: GPU, library versions, date, commit."""
+    return (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+            f"{datetime.date.today()}, commit {commit}")
+
+
+def emit(table: str, markdown: str | None) -> None:
+    print("\n" + table)
+    if markdown:
+        with open(markdown, "w") as f:
+            f.write(table + "\n")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqs", default="1024,2048,4096,8192,16384")
     parser.add_argument("--cases", default="causal,window+sink")
-    parser.add_argument("--commit", default=None, help="the commit measured (where the copy has no .git)")
-    parser.add_argument("--markdown", default=None, help="also write the table to this file")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("benchmarks/attention.py needs a CUDA GPU")
+    args = parse_bench_args(parser)
     seqs = [int(s) for s in args.seqs.split(",")]
     os.environ["DSGRAPH_CACHE_DIR"] = tempfile.mkdtemp(prefix="dsgraph-bench-autotune-")
     device = torch.device("cuda")
-    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                           text=True).stdout.strip() or "unknown"
-    gpu = torch.cuda.get_device_name()
     rows = []
     header = ("| case | S | pass | eager ms | torch.compile ms | dsgraph ms | vs eager | vs compile | "
               "dsgraph TFLOP/s (% of 989) | SDPA ms | dsgraph backend | FlexAttention ms | "
@@ -189,13 +208,8 @@ def main():
             del q, k, v, sinks, inputs, compiled, optimized, tuned, flex
             torch._dynamo.reset()
             torch.cuda.empty_cache()
-    title = (f"Attention, {gpu}, torch {torch.__version__}, triton {triton.__version__}, "
-             f"{datetime.date.today()}, commit {commit}; B={B}, {HQ}/{HKV} heads x {D}, bf16, window {WINDOW}")
-    table = "\n".join(markdown_table(title, header, rows))
-    print("\n" + table)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(table + "\n")
+    title = f"Attention, {run_label(args.commit)}; B={B}, {HQ}/{HKV} heads x {D}, bf16, window {WINDOW}"
+    emit("\n".join(markdown_table(title, header, rows)), args.markdown)
 
 
 if __name__ == "__main__":

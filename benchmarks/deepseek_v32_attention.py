@@ -25,15 +25,11 @@ fit is skipped with the reason printed.
 from __future__ import annotations
 
 import argparse
-import datetime
-import subprocess
-import sys
 
 import torch
-import triton
 
 import dsgraph
-from attention import fmt_ms as fmt, markdown_table, measure, ratio
+from attention import emit, fmt_ms as fmt, markdown_table, measure, parse_bench_args, ratio, run_label
 from dsgraph.models import DeepseekV32Config, DeepseekV32ForCausalLM, mla_attention
 
 H, D_QK, D_V, D_NOPE, D_ROPE, TOPK = 128, 576, 512, 128, 64, 2048
@@ -146,14 +142,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqs", default="4096,16384,32768")
     parser.add_argument("--model-seqs", default="4096,16384,32768")
-    parser.add_argument("--commit", default=None, help="the commit measured (where the copy has no .git)")
-    parser.add_argument("--markdown", default=None, help="also write the tables to this file")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("benchmarks/deepseek_v32_attention.py needs a CUDA GPU")
+    args = parse_bench_args(parser)
     device = torch.device("cuda")
-    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                           text=True).stdout.strip() or "unknown"
     seqs = [int(s) for s in args.seqs.split(",")]
     bf16 = dict(device=device, dtype=torch.bfloat16)
 
@@ -226,16 +216,12 @@ def main():
     # eager: the attention's scores/probabilities plus the indexer's [B, S, 64, T] fp32 logits, per layer
     run_case("2-layer model", make_model, [int(s) for s in args.model_seqs.split(",")], variants, 16, rows)
 
-    title = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-             f"{datetime.date.today()}, commit {commit}")
+    title = run_label(args.commit)
     table = "\n".join(
         markdown_table(f"Sparse MLA kernel (latent 576/512, H={H}, top-k {TOPK}, causal), {title}", k_header, k_rows)
         + [""] + markdown_table(f"DeepSeek V3.2 sparse attention layer and 2-layer model (B=1, S=T, bf16, H={H}, "
                                 f"top-k {TOPK}), {title}; cells: median ms / peak GiB", header, rows))
-    print("\n" + table)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(table + "\n")
+    emit(table, args.markdown)
 
 
 if __name__ == "__main__":

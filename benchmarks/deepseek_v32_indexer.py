@@ -14,15 +14,11 @@ GB/s counts one read and one write of the tensor. Times are medians of triton.te
 from __future__ import annotations
 
 import argparse
-import datetime
-import subprocess
-import sys
 
 import torch
-import triton
 
 import dsgraph
-from attention import fmt_ms as fmt, markdown_table, measure, ratio
+from attention import emit, fmt_ms as fmt, markdown_table, measure, parse_bench_args, ratio, run_label
 from dsgraph.models import hadamard_transform_torch
 
 H, D, TOPK = 64, 128, 2048
@@ -58,14 +54,8 @@ def main():
     parser.add_argument("--seqs", default="4096,16384,65536")
     parser.add_argument("--scores-seqs", default="4096,16384", help="S for the scores fwd+bwd rows")
     parser.add_argument("--hadamard-rows", default="1048576x128,65536x128,4096x16384")
-    parser.add_argument("--commit", default=None, help="the commit measured (where the copy has no .git)")
-    parser.add_argument("--markdown", default=None, help="also write the tables to this file")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("benchmarks/deepseek_v32_indexer.py needs a CUDA GPU")
+    args = parse_bench_args(parser)
     device = torch.device("cuda")
-    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                           text=True).stdout.strip() or "unknown"
 
     header = ("| case | S | eager ms | torch.compile ms | "
               + " | ".join(f"dsgraph {b} ms" for b in BACKENDS)
@@ -142,15 +132,11 @@ def main():
         del x
         torch.cuda.empty_cache()
 
-    title = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-             f"{datetime.date.today()}, commit {commit}")
+    title = run_label(args.commit)
     table = "\n".join(markdown_table(f"Lightning Indexer, {title}; B=1, S=T, {H} heads x {D}, bf16, top-k {TOPK}, "
                                       "causal", header, rows)
                        + [""] + markdown_table(f"Hadamard (bf16, scale n^-1/2), {title}", h_header, h_rows))
-    print("\n" + table)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(table + "\n")
+    emit(table, args.markdown)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,12 @@ triton.testing.do_bench.
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 
 import torch
 import torch.nn.functional as F
 
 import dsgraph
-from attention import fmt_ms as fmt, markdown_table, measure, ratio
+from attention import emit, fmt_ms as fmt, markdown_table, measure, parse_bench_args, ratio, run_label
 from dsgraph.models.nemotron_v3 import MambaRMSNormGated
 
 D, GROUPS, CONV_DIM, K, HEADS = 4096, 8, 4096 + 2 * 8 * 128, 4, 64
@@ -30,12 +28,8 @@ BACKENDS = {"gated_rmsnorm": ("mamba_ssm", "triton"), "causal_conv1d": ("triton"
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqs", default="4096,16384")
-    parser.add_argument("--markdown", default=None, help="also write the table to this file")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("benchmarks/mamba_norm_conv.py needs a CUDA GPU")
+    args = parse_bench_args(parser)
     device = torch.device("cuda")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     norm = MambaRMSNormGated(D, D // GROUPS).to(device)
     conv = torch.nn.Conv1d(CONV_DIM, CONV_DIM, K, groups=CONV_DIM, padding=K - 1).to(device, torch.bfloat16)
 
@@ -86,11 +80,8 @@ def main():
                 print(row, flush=True)
                 del y, proj, inputs
                 torch.cuda.empty_cache()
-    if args.markdown:
-        title = (f"Mamba2 gated RMSNorm and causal conv1d + SiLU, {torch.cuda.get_device_name()}, torch "
-                 f"{torch.__version__}, commit {commit or 'unknown'}")
-        with open(args.markdown, "w") as f:
-            f.write("\n".join(markdown_table(title, header, rows)) + "\n")
+    emit("\n".join(markdown_table(f"Mamba2 gated RMSNorm and causal conv1d + SiLU, {run_label(args.commit)}",
+                                   header, rows)), args.markdown)
 
 
 if __name__ == "__main__":

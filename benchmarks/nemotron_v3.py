@@ -21,16 +21,13 @@ the reason and the run goes on. Keep the case list lean: every compiled cell com
 from __future__ import annotations
 
 import argparse
-import datetime
-import subprocess
-import sys
 import time
 
 import torch
 import triton
 
 import dsgraph
-from attention import fmt_ms, markdown_table, ratio
+from attention import emit, fmt_ms, markdown_table, parse_bench_args, ratio, run_label
 from dsgraph.models.nemotron_v3 import Mamba2State, NemotronV3Config, NemotronV3Mamba2Mixer, NemotronV3Model
 
 CONFIG = dict(hidden_size=4096, mamba_num_heads=128, mamba_head_dim=64, ssm_state_size=128, n_groups=8,
@@ -202,14 +199,8 @@ def main():
     parser.add_argument("--seqs", default="4096,16384,65536")
     parser.add_argument("--quick", action="store_true", help="L = 4096 only (a smoke run)")
     parser.add_argument("--stack-seqs", default="4096,16384", help="L for the 4-layer stack rows")
-    parser.add_argument("--commit", default=None, help="the commit measured (where the copy has no .git)")
-    parser.add_argument("--markdown", default=None, help="also write the tables to this file")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("benchmarks/nemotron_v3.py needs a CUDA GPU")
+    args = parse_bench_args(parser)
     device = torch.device("cuda")
-    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                           text=True).stdout.strip() or "unknown"
     seqs = [4096] if args.quick else [int(s) for s in args.seqs.split(",")]
     stack_seqs = [4096] if args.quick else [int(s) for s in args.stack_seqs.split(",")]
     # Lean (each compiled cell compiles once per shape and pass): plain torch.compile up to 16k (mixer)
@@ -252,15 +243,10 @@ def main():
     d_rows: list[str] = []
     decode_row(config, device, d_rows)
 
-    gpu = torch.cuda.get_device_name()
-    title = (f"Nemotron V3 Mamba2, {gpu}, torch {torch.__version__}, triton {triton.__version__}, "
-             f"{datetime.date.today()}, commit {commit}; hidden 4096, 128 heads x 64, state 128, 8 groups, "
+    title = (f"Nemotron V3 Mamba2, {run_label(args.commit)}; hidden 4096, 128 heads x 64, state 128, 8 groups, "
              f"chunk 128, bf16, batch 1 ({time.time() - start:.0f} s)")
     table = "\n".join(markdown_table(title, header, rows) + [""] + markdown_table("", d_header, d_rows)[2:])
-    print("\n" + table)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(table + "\n")
+    emit(table, args.markdown)
 
 
 if __name__ == "__main__":

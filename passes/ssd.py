@@ -155,6 +155,35 @@ def _mul_pair(node: fx.Node, first) -> Optional[fx.Node]:
     return None
 
 
+def _follow_epilogue(node: fx.Node, x: fx.Node, heads: int) -> tuple[fx.Node, Optional[fx.Node], Optional[fx.Node]]:
+    """Follow y through the optional ``+ D[:, None] * x`` skip, ``* silu(z)`` gate and the cast back to
+    x's dtype: (the last node the op replaces, D, z). Aliases (``y[:, :L]`` when nothing was padded)
+    are looked through."""
+    def single_user():
+        nonlocal node
+        while len(node.users) == 1 and _call(next(iter(node.users)), aten.alias.default):
+            node = next(iter(node.users))
+        return next(iter(node.users)) if len(node.users) == 1 else None
+
+    D = z = None
+    user = single_user()
+    other = next((o for o in user.args[:2] if o is not node), None) if _call(user, aten.add.Tensor) else None
+    skip = _mul_pair(other, next((o for o in other.args[:2] if _widen(o) is x), None)) \
+        if _call(other, aten.mul.Tensor) else None
+    if _call(skip, aten.unsqueeze.default) and val(skip).shape == (heads, 1) and len(user.args) == 2:
+        D, node = _widen(skip.args[0]), user
+    user = single_user()
+    gate = _mul_pair(user, node) if _call(user, aten.mul.Tensor) else None
+    if _call(gate, aten.silu.default) and val(gate).shape == val(node).shape:
+        z, node = _widen(gate.args[0]), user
+    user = single_user()
+    if _call(user, *_CASTS):
+        node = user
+    if val(node).dtype != val(x).dtype:
+        raise Reject(f"y is returned in {val(node).dtype}, not x's {val(x).dtype} (the op's output dtype)")
+    return node, D, z
+
+
 def _only_user(node: fx.Node, *targets) -> fx.Node:
     users = [u for u in node.users if _call(u, *targets)]
     if len(users) != 1:
@@ -436,22 +465,7 @@ class _SSDSite:
         ct = torch.promote_types(val(x).dtype, torch.float32)
         if val(self.decay).dtype != ct or val(node).dtype != ct:
             raise Reject(f"the scan runs in {val(node).dtype}; the op computes in {ct}")
-        if len(node.users) == 1:
-            user = next(iter(node.users))
-            other = next((o for o in user.args[:2] if o is not node), None) if _call(user, aten.add.Tensor) else None
-            skip = _mul_pair(other, next((o for o in other.args[:2] if _widen(o) is x), None)) \
-                if _call(other, aten.mul.Tensor) else None
-            if skip is not None and _call(skip, aten.unsqueeze.default) and val(skip).shape == (H, 1):
-                D, node = _widen(skip.args[0]), user
-        if len(node.users) == 1:
-            user = next(iter(node.users))
-            gate = _mul_pair(user, node) if _call(user, aten.mul.Tensor) else None
-            if _call(gate, aten.silu.default) and val(gate).shape == val(node).shape:
-                z, node = _widen(gate.args[0]), user
-        if len(node.users) == 1 and _call(next(iter(node.users)), *_CASTS):
-            node = next(iter(node.users))
-        if val(node).dtype != val(x).dtype:
-            raise Reject(f"y is returned in {val(node).dtype}, not x's {val(x).dtype} (the op's output dtype)")
+        node, D, z = _follow_epilogue(node, x, H)
         for name, t in (("dt", dt), ("B", B), ("C", C)):
             if t is None or not isinstance(val(t), torch.Tensor):
                 raise Reject(f"{name} not found")
@@ -570,23 +584,7 @@ class _StepSite:
         want = torch.promote_types(val(x).dtype, torch.float32)
         if ct != want or val(y).dtype != want or val(new).dtype != want:
             raise Reject(f"the step runs in {val(new).dtype}; the op computes in {want}")
-        node, D, z = y, None, None
-        if len(node.users) == 1:  # + D[:, None] * x
-            user = next(iter(node.users))
-            other = next((o for o in user.args[:2] if o is not node), None) if _call(user, aten.add.Tensor) else None
-            skip = _mul_pair(other, next((o for o in other.args[:2] if _widen(o) is x), None)) \
-                if _call(other, aten.mul.Tensor) else None
-            if _call(skip, aten.unsqueeze.default) and val(skip).shape == (H, 1) and len(user.args) == 2:
-                D, node = _widen(skip.args[0]), user
-        if len(node.users) == 1:  # * silu(z)
-            user = next(iter(node.users))
-            gate = _mul_pair(user, node) if _call(user, aten.mul.Tensor) else None
-            if _call(gate, aten.silu.default) and val(gate).shape == val(node).shape:
-                z, node = _widen(gate.args[0]), user
-        if len(node.users) == 1 and _call(next(iter(node.users)), *_CASTS):
-            node = next(iter(node.users))
-        if val(node).dtype != val(x).dtype:
-            raise Reject(f"y is returned in {val(node).dtype}, not x's {val(x).dtype} (the op's output dtype)")
+        node, D, z = _follow_epilogue(y, x, H)
         if node in self.ctx.requires_grad or new in self.ctx.requires_grad:
             raise Reject("the step needs gradients; dsgraph::ssd_step is forward-only (decode)")
         backend, rejected = self.ctx.choose("ssd_step", decay, state=val(state), x=val(x), dt=val(dt), A=val(A),

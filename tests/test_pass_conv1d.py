@@ -98,9 +98,11 @@ def test_what_is_not_a_causal_depthwise_conv_is_left_alone(name):
 
 
 def test_non_causal_outputs_are_reported_as_skipped():
-    _, report = rewrite(NEGATIVES["both paddings kept (not causal)"], [torch.randn(2, 6, 9), torch.randn(6, 1, 4)],
-                        passes=PASSES)
+    args = [torch.randn(2, 6, 9), torch.randn(6, 1, 4)]
+    gm, report = rewrite(NEGATIVES["both paddings kept (not causal)"], args, passes=PASSES)
     assert any("not causal-conv positions" in s.reason for s in report.skipped), report
+    assert report.count("conv1d") == 0, report
+    torch.testing.assert_close(gm(*args), NEGATIVES["both paddings kept (not causal)"](*args))
 
 
 @pytest.mark.parametrize("form", ["crop", "state"])

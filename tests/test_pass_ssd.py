@@ -11,21 +11,22 @@ from dsgraph.passes import MaskPass, SSDPass
 from dsgraph.testing import assert_rewrites, rewrite
 
 
-def _inputs(b, L, G, R, P, N, D, z, h0, seed=0):
+def _inputs(b, L, G, R, P, N, D, z, h0, seed=0, low=torch.float32):
+    """x, B, C and z in ``low`` (bf16 as in the bf16 mixer: the scan casts up and y back down)."""
     g = torch.Generator().manual_seed(seed)
     H = G * R
-    t = lambda *s: torch.randn(*s, generator=g).requires_grad_()  # noqa: E731
-    args = [t(b, L, H, P), torch.rand(b, L, H, generator=g).requires_grad_(),
+    t = lambda *s, dtype=torch.float32: torch.randn(*s, generator=g).to(dtype).requires_grad_()  # noqa: E731
+    args = [t(b, L, H, P, dtype=low), torch.rand(b, L, H, generator=g).requires_grad_(),
             (-torch.rand(H, generator=g)).requires_grad_(),
-            t(b, L, G, N), t(b, L, G, N)]
-    return args + [t(H) if D else None, t(b, L, H, P) if z else None, t(b, H, P, N) if h0 else None]
+            t(b, L, G, N, dtype=low), t(b, L, G, N, dtype=low)]
+    return args + [t(H) if D else None, t(b, L, H, P, dtype=low) if z else None, t(b, H, P, N) if h0 else None]
 
 
 @given(b=st.integers(1, 2), L=st.integers(1, 20), G=st.integers(1, 2), R=st.integers(1, 2), P=st.sampled_from([2, 4]),
        N=st.sampled_from([2, 3]), chunk=st.integers(1, 8), D=st.booleans(), z=st.booleans(), h0=st.booleans(),
-       final=st.booleans(), masks_first=st.booleans())
-def test_ssd_chunked_rewritten(b, L, G, R, P, N, chunk, D, z, h0, final, masks_first):
-    args = _inputs(b, L, G, R, P, N, D, z, h0)
+       final=st.booleans(), masks_first=st.booleans(), bf16=st.booleans())
+def test_ssd_chunked_rewritten(b, L, G, R, P, N, chunk, D, z, h0, final, masks_first, bf16):
+    args = _inputs(b, L, G, R, P, N, D, z, h0, low=torch.bfloat16 if bf16 else torch.float32)
     present = [i for i, a in enumerate(args) if a is not None]
 
     def fn(*xs):
