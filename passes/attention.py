@@ -24,7 +24,7 @@ import dataclasses
 import functools
 import math
 import operator
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -147,7 +147,7 @@ class Layout:
         return ([self.batch] if self.batch else []) + self.heads + [self.s, self.t]
 
 
-def _layout(prod: Product) -> Layout:
+def _layout(prod: Product, mask_shapes: Sequence[Sequence[int]] = ()) -> Layout:
     out = prod.out
     t = out[-1]
     if t not in prod.b_sub or t in prod.a_sub:
@@ -162,7 +162,14 @@ def _layout(prod: Product) -> Layout:
     if len(shared) + len(a_only) + 1 != len(out) or sorted(prod.a_sub) != sorted(shared + a_only + contracted):
         raise Reject(f"score product {prod.a_sub},{prod.b_sub}->{out} has unsupported dims")
     s = a_only[-1]
-    return Layout(shared[0] if shared else None, shared[1:] + a_only[:-1], s, t, contracted[0])
+    if len(a_only) > 1:
+        # Several query-only dims (MQA: "bshc,btc->bsht"): every choice computes the same, but only the
+        # query dim lets a band fold: take the one dim the masks vary along, if they tell.
+        from_end = {c: len(out) - out.index(c) for c in a_only}  # masks broadcast from the right
+        along = [c for c in a_only if any(len(shape) >= from_end[c] and shape[-from_end[c]] > 1
+                                          for shape in mask_shapes)]
+        s = along[0] if len(along) == 1 else s
+    return Layout(shared[0] if shared else None, shared[1:] + [c for c in a_only if c != s], s, t, contracted[0])
 
 
 def _group(layout: Layout, q_sizes: dict, kv_sizes: dict) -> int:
@@ -219,7 +226,9 @@ class _Site:
         q, q_sub, q_factor = _see_through(qk.a, qk.a_sub, self.gm, self.constant)
         k, k_sub, k_factor = _see_through(qk.b, qk.b_sub, self.gm, self.constant)
         qk = Product(q, q_sub, k, k_sub, qk.out, qk.node)
-        layout = _layout(qk)
+        mask_shapes = [val(strip(node, {aten.expand.default})).shape for _, node, _ in terms
+                       if isinstance(node, fx.Node)]
+        layout = _layout(qk, mask_shapes)
         roles = dict(zip(pv.a_sub, qk.out))  # PV letters -> score letters
         v, v_sub, v_factor = _see_through(pv.b, pv.b_sub, self.gm, self.constant)
         if v_factor != 1.0:

@@ -174,6 +174,21 @@ def test_repeated_keys_are_not_materialised():
     assert not any(n.target is torch.ops.aten.expand.default for n in gm.graph.nodes)
 
 
+def test_mqa_einsum_query_dim_is_the_one_aligned_with_the_keys():
+    """In "bshc,btc->bsht" (MLA's absorbed form) both s and h are query-only dims: s is the query dim
+    (it sits where t sits in k), so the causal mask folds into a band instead of a per-head bias."""
+    def fn(q, k):
+        S = q.shape[1]
+        mask = torch.full((S, S), float("-inf")).triu(1)
+        scores = torch.einsum("bshc,btc->bsht", q, k) * 0.3 + mask.unsqueeze(-2)
+        return torch.einsum("bsht,btc->bshc", scores.softmax(-1), k)
+
+    args = [torch.randn(2, 6, 3, 8, requires_grad=True), torch.randn(2, 6, 8, requires_grad=True)]
+    report = assert_rewrites(fn, args, pass_name="attention")
+    (site,) = [r for r in report.rewrites if r.op == "attention"]
+    assert "S=6 T=6" in site.detail and "band" in site.detail and "bias" not in site.detail, report
+
+
 def test_probabilities_used_elsewhere_are_left_alone():
     def fn(q, k, v):
         p = torch.softmax(q @ k.transpose(-1, -2), -1)
