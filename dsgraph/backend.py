@@ -73,6 +73,8 @@ def dsgraph_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, option
         return _recording_served(aten_gm, example_inputs, report)
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
+    if policy.cudagraphs and mode in (None, "default"):
+        mode = "reduce-overhead"
     compiled = compile_fx(aten_gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)
     return _recording_served(compiled, example_inputs, report)
 

@@ -34,6 +34,10 @@ class Policy:
     - ``residual``: what compiles the graph left after rewriting: ``"inductor"`` or ``"eager"`` (debugging).
     - ``disabled_passes``: pass names not to run.
     - ``tuning``: one of ``TUNING``; ops the policy names explicitly are never tuned.
+    - ``cudagraphs``: replay each compiled graph as a CUDA graph (Inductor's CUDA graph trees, as
+      ``torch.compile(mode="reduce-overhead")``): for launch-bound graphs such as a decode step. The
+      usual caveats hold: outputs live in a pool the next replay overwrites (clone what you keep),
+      inputs are copied into static buffers. Needs ``residual="inductor"``.
     """
 
     order: tuple[str, ...] = BACKENDS
@@ -44,6 +48,7 @@ class Policy:
     disabled_passes: frozenset[str] = frozenset()
     name: str = "auto"
     tuning: str = "cached"
+    cudagraphs: bool = False
 
     def __post_init__(self):
         for backends in (self.order, *self.ops.values()):
@@ -52,6 +57,11 @@ class Policy:
             raise ValueError(f"Policy.residual must be one of {RESIDUALS}, got {self.residual!r}")
         if self.tuning not in TUNING:
             raise ValueError(f"Policy.tuning must be one of {TUNING}, got {self.tuning!r}")
+        if not isinstance(self.cudagraphs, bool):
+            raise TypeError(f"Policy.cudagraphs must be True or False, got {self.cudagraphs!r}")
+        if self.cudagraphs and self.residual != "inductor":
+            raise ValueError("Policy.cudagraphs needs residual='inductor' (Inductor records the CUDA graphs), "
+                             f"got residual={self.residual!r}")
         object.__setattr__(self, "disabled_passes", frozenset(self.disabled_passes))
 
     @classmethod
@@ -70,19 +80,19 @@ class Policy:
 
     @classmethod
     def parse(cls, spec: str) -> "Policy":
-        """Parse ``DSGRAPH_POLICY`` syntax: ``PRESET[;op=b1,b2][;strict][;residual=eager]``.
+        """Parse ``DSGRAPH_POLICY`` syntax: ``PRESET[;op=b1,b2][;strict][;cudagraphs][;residual=eager]``.
 
         Examples: ``triton``, ``auto;attention=triton,torch``, ``reference;residual=eager``,
-        ``triton;strict``.
+        ``triton;strict``, ``auto;cudagraphs``.
         """
         parts = [p.strip() for p in spec.split(";") if p.strip()]
         if not parts:
-            raise ValueError(f"{ENV_VAR} is empty; accepted: PRESET[;op=b1,b2][;strict][;residual=eager]")
+            raise ValueError(f"{ENV_VAR} is empty; accepted: PRESET[;op=b1,b2][;strict][;cudagraphs][;residual=eager]")
         preset, opts = parts[0], parts[1:]
         fields: dict = {"ops": {}}
         for opt in opts:
-            if opt == "strict":
-                fields["strict"] = True
+            if opt in ("strict", "cudagraphs"):
+                fields[opt] = True
             elif "=" in opt:
                 key, value = (s.strip() for s in opt.split("=", 1))
                 if key == "residual":
@@ -93,7 +103,7 @@ class Policy:
                     fields["ops"][key] = tuple(v.strip() for v in value.split(","))
             else:
                 raise ValueError(f"cannot parse {opt!r} in policy {spec!r}; accepted: "
-                                 "PRESET[;op=b1,b2][;strict][;residual=eager][;disable=pass1,pass2]")
+                                 "PRESET[;op=b1,b2][;strict][;cudagraphs][;residual=eager][;disable=pass1,pass2]")
         return cls.preset(preset, **fields)
 
     def backends_for(self, op: str) -> tuple[str, ...]:

@@ -50,6 +50,9 @@ def test_policy_presets_env_and_errors(monkeypatch):
         Policy.preset("fast")
     with pytest.raises(ValueError, match="unknown backend 'cuda'; accepted backends"):
         Policy(order=("cuda",))
+    assert Policy.parse("auto;cudagraphs").cudagraphs and not Policy.preset("auto").cudagraphs
+    with pytest.raises(ValueError, match="cudagraphs needs residual='inductor'"):
+        Policy.parse("auto;cudagraphs;residual=eager")
     monkeypatch.setenv("DSGRAPH_POLICY", "reference")
     assert resolve_policy("triton").name == "reference"  # the environment overrides the argument
 
@@ -109,6 +112,23 @@ def test_compile_backend_with_triton_kernels(caplog):
     torch.testing.assert_close(grad, x.grad)
     (site,) = [r for r in report.rewrites if r.op == "attention"]
     assert site.backend == "triton", report
+
+
+@pytest.mark.gpu
+def test_cudagraphs_policy_replays_the_rewritten_graph():
+    from torch._dynamo.utils import counters
+    torch.manual_seed(0)
+    model = TinyAttention(dim=256).cuda()
+    opt = dsgraph.optimize(model, policy="triton;strict;cudagraphs")
+    counters.clear()
+    with torch.no_grad():
+        for _ in range(3):  # warm-up, record, replay
+            x = torch.randn(2, 300, 256, device="cuda")
+            torch.testing.assert_close(opt(x).clone(), model(x))
+    assert dsgraph.explain(opt).count("attention") == 1
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+    manager = torch._inductor.cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+    assert manager is not None and list(manager.get_roots()), "no CUDA graph was recorded"
 
 
 @pytest.mark.gpu
