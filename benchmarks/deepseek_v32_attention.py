@@ -1,7 +1,8 @@
 """Eager vs plain torch.compile vs dsgraph (per sparse-attention backend) on DeepSeek V3.2 sparse
 MLA attention (GPU).
 
-    python benchmarks/deepseek_v32_attention.py [--seqs 4096,16384,32768] [--markdown FILE]
+    python benchmarks/deepseek_v32_attention.py [--seqs 4096,16384,32768] [--model-seqs ...]
+        [--reference-seqs 4096] [--markdown FILE]
 
 Three tables, B=1, S=T, bf16, H=128 heads, top-k 2048, causal:
 - kernel: ``dsgraph::sparse_attention`` called directly in the latent layout (q [B,S,H,576],
@@ -35,6 +36,7 @@ from dsgraph.models import DeepseekV32Config, DeepseekV32ForCausalLM, mla_attent
 H, D_QK, D_V, D_NOPE, D_ROPE, TOPK = 128, 576, 512, 128, 64, 2048
 H100_BF16_PEAK = 989.0  # TFLOP/s, dense bf16 (SXM datasheet)
 BACKENDS = ("tilelang", "triton")
+SLOW_VARIANTS = ("triton mha",)
 
 
 def flops(seq: int, backward: bool) -> float:
@@ -102,8 +104,9 @@ def eager_fits(seq: int, backward: bool, per_entry_bytes: int) -> bool:
     return need < 0.8 * torch.cuda.get_device_properties(0).total_memory
 
 
-def run_case(title, make, seqs, dsgraph_fns, eager_bytes, rows):
-    """Rows for one table: eager, plain compile, then each dsgraph variant, fwd and fwd+bwd."""
+def run_case(title, make, seqs, dsgraph_fns, eager_bytes, rows, slow_seqs=()):
+    """Rows for one table: eager, plain compile, then each dsgraph variant, fwd and fwd+bwd. Variants
+    named in ``SLOW_VARIANTS`` (seconds a call at 32k) run only at ``slow_seqs``."""
     for seq in seqs:
         for backward in (False, True):
             fn, inputs = make(seq, backward)
@@ -119,6 +122,10 @@ def run_case(title, make, seqs, dsgraph_fns, eager_bytes, rows):
                 results += [(None, None), (None, None)]
             notes = []
             for name, policy in dsgraph_fns:
+                if name in SLOW_VARIANTS and seq not in slow_seqs:
+                    results.append((None, None))
+                    notes.append(f"{name}: not run at S={seq} (--reference-seqs)")
+                    continue
                 opt = dsgraph.optimize(fn, policy=policy)
                 try:
                     results.append((measure(opt, inputs, backward), peak_gib(opt, inputs, backward)))
@@ -141,10 +148,13 @@ def run_case(title, make, seqs, dsgraph_fns, eager_bytes, rows):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqs", default="4096,16384,32768")
-    parser.add_argument("--model-seqs", default="4096,16384,32768")
+    parser.add_argument("--model-seqs", default="4096,16384,32768", help="'' for none")
+    parser.add_argument("--reference-seqs", default="4096",
+                        help="S where the slow columns run (torch kernel, MHA-mode Triton layer)")
     args = parse_bench_args(parser)
     device = torch.device("cuda")
-    seqs = [int(s) for s in args.seqs.split(",")]
+    seqs = [int(s) for s in args.seqs.split(",") if s]
+    reference_seqs = [int(s) for s in args.reference_seqs.split(",") if s]
     bf16 = dict(device=device, dtype=torch.bfloat16)
 
     # --- kernel: the op alone, latent layout --------------------------------------------------
@@ -162,6 +172,11 @@ def main():
         for backward in (False, True):
             times = []
             for backend in ("torch",) + BACKENDS:
+                if backend == "torch" and seq not in reference_seqs:
+                    print(f"kernel S={seq} torch: not run (--reference-seqs)", flush=True)
+                    times.append(None)
+                    continue
+
                 def op(q, kv, backend=backend, idx=idx):
                     return torch.ops.dsgraph.sparse_attention(q, kv, None, idx, None, D_QK ** -0.5, D_V, 0, backend)[0]
                 reason = dsgraph.registry.kernel("sparse_attention", backend).unsupported(
@@ -200,21 +215,24 @@ def main():
     rows = []
     print(header, flush=True)
     # eager: scores, probabilities (fp32) and the bf16 probabilities: ~10 bytes an entry
-    run_case("layer", make_layer, seqs, variants, 10, rows)
+    run_case("layer", make_layer, seqs, variants, 10, rows, reference_seqs)
 
     # --- 2-layer model at released widths -----------------------------------------------------
-    config = DeepseekV32Config(num_hidden_layers=2, first_k_dense_replace=2, vocab_size=8192,
-                               num_nextn_predict_layers=0)
-    torch.manual_seed(0)
-    model = DeepseekV32ForCausalLM(config).to(**bf16)
+    model_seqs = [int(s) for s in args.model_seqs.split(",") if s]
+    if model_seqs:
+        config = DeepseekV32Config(num_hidden_layers=2, first_k_dense_replace=2, vocab_size=8192,
+                                   num_nextn_predict_layers=0)
+        torch.manual_seed(0)
+        model = DeepseekV32ForCausalLM(config).to(**bf16)
 
-    def make_model(seq, backward):
-        model.requires_grad_(backward)
-        ids = torch.randint(0, config.vocab_size, (1, seq), device=device)
-        return (lambda ids: model(ids).logits), [ids]
+        def make_model(seq, backward):
+            model.requires_grad_(backward)
+            ids = torch.randint(0, config.vocab_size, (1, seq), device=device)
+            return (lambda ids: model(ids).logits), [ids]
 
-    # eager: the attention's scores/probabilities plus the indexer's [B, S, 64, T] fp32 logits, per layer
-    run_case("2-layer model", make_model, [int(s) for s in args.model_seqs.split(",")], variants, 16, rows)
+        # eager: the attention's scores/probabilities plus the indexer's [B, S, 64, T] fp32 logits, per layer
+        run_case("2-layer model", make_model, model_seqs, variants, 16, rows,
+                 reference_seqs)
 
     title = run_label(args.commit)
     table = "\n".join(

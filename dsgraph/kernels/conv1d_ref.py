@@ -1,4 +1,5 @@
-"""Torch reference for ``dsgraph::causal_conv1d`` (the test oracle), forward and backward.
+"""Torch reference for ``dsgraph::causal_conv1d`` (the test oracle), forward and backward, and for
+``dsgraph::causal_conv1d_update`` (the decode step's conv state update, forward only).
 
 Written as the K shifted products it is (no ``F.conv1d``), so the tests that compare the rewrite
 with eager ``conv1d`` compare two independent computations. Batch rows are processed in chunks of
@@ -71,3 +72,18 @@ def causal_conv1d_ref_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor]
             acc += dp[:, k - 1 - j:k - 1 - j + length] * w[:, j]
         dx[start:start + step] = acc
     return dx, dw.to(weight.dtype), None if bias is None else db.to(bias.dtype)
+
+
+def causal_conv1d_update_ref(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor],
+                             activation: Optional[str]) -> tuple[Tensor, Tensor]:
+    """(out [B, L, C], new_state [B, C, K - 1]) in x.dtype: the conv of the window [state, x]."""
+    batch, length, _ = x.shape
+    # [B, K - 1 + L, C]: the window the causal conv reads, the state already rounded to x.dtype
+    window = torch.cat([conv_state.to(x.dtype).transpose(1, 2), x], dim=1)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    w = weight.to(_compute(x))
+    step = _step(window)
+    for start in range(0, batch, step):
+        pre = _pre(window[start:start + step].to(w.dtype), w, bias, length)
+        out[start:start + step] = F.silu(pre) if activation == "silu" else pre
+    return out, window[:, length:].transpose(1, 2).contiguous()

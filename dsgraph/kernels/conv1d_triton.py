@@ -1,4 +1,5 @@
-"""Triton kernels for ``dsgraph::causal_conv1d``, forward and backward (semantics: ``conv1d_ref``).
+"""Triton kernels for ``dsgraph::causal_conv1d``, forward and backward, and for
+``dsgraph::causal_conv1d_update`` (semantics: ``conv1d_ref``).
 
 Channels-last: x [B, L, C] is read through its strides, so the xBC slice of the Mamba2 in_proj
 output (or the transpose the eager code conv'd) is read in place, never copied; a tile is
@@ -11,6 +12,10 @@ output (or the transpose the eager code conv'd) is read in place, never copied; 
   the K shifts, L1/L2 hits after the first; no dpre buffer round trip through memory). Programs
   loop over (batch row, position block) tiles (persistent) and sum dweight [K, BLOCK_C] and dbias
   in registers; the per-program partials are summed by torch. Offsets are int64.
+- Update (decode), one launch: a program per (channel block, batch row) loads its [BLOCK_C, K - 1]
+  conv state tile once (one contiguous span), rounds it to x's dtype as the eager window does, reads
+  the L new inputs, writes the L outputs and the shifted state tile. Window column p is state column p
+  for p < K - 1, else x row p - (K - 1).
 """
 from __future__ import annotations
 
@@ -40,6 +45,14 @@ def triton_unsupported_reason(x, weight, bias=None, activation=None) -> Optional
     if weight.shape[1] > MAX_K:
         return f"kernel width {weight.shape[1]} > {MAX_K}"
     return None
+
+
+def update_unsupported_reason(x, conv_state, weight, bias=None, activation=None) -> Optional[str]:
+    reason = triton_unsupported_reason(x, weight, bias, activation) or \
+        triton_device_reason([x, conv_state], _INTERPRET, "Triton causal conv1d update")
+    if reason is None and conv_state.dtype not in _DTYPES:
+        reason = f"conv_state dtype {conv_state.dtype} not supported (fp16, bf16, fp32)"
+    return reason
 
 
 @triton.jit
@@ -108,6 +121,62 @@ def _bwd(X, W, BIAS, DY, DX, DW, DB, L, C, n_l, n_tiles, sxb, sxl, sxc, sdb, sdl
     p = tl.program_id(0).to(tl.int64)
     tl.store(DW + (p * K + kk)[:, None] * C + c[None, :], dw, mask=(kk < K)[:, None] & cmask[None, :])
     tl.store(DB + p * C + c, db, mask=cmask)
+
+
+@triton.jit
+def _window_column(state, x_row0, p, j, cmask, sxl, K: tl.constexpr):
+    """fp32 window column p (a runtime position) of the program's channels; ``state`` is the
+    [BLOCK_C, KS_PAD] state tile, ``x_row0`` points at x[b, 0, c]."""
+    from_state = tl.sum(tl.where(j[None, :] == p, state, 0.0), 1)  # 0 unless p < K - 1
+    from_x = tl.load(x_row0 + (p - (K - 1)).to(tl.int64) * sxl, mask=cmask & (p >= K - 1), other=0.0)
+    return from_state + from_x.to(tl.float32)
+
+
+@triton.jit
+def _update(X, S, W, BIAS, OUT, NS, L, C, sxb, sxl, sxc, ssb, ssc, ssk,
+            K: tl.constexpr, KS_PAD: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr,
+            SILU: tl.constexpr):
+    b = tl.program_id(1).to(tl.int64)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    j = tl.arange(0, KS_PAD)
+    tile = cmask[:, None] & (j < K - 1)[None, :]
+    state = tl.load(S + b * ssb + c[:, None] * ssc + j[None, :] * ssk, mask=tile, other=0.0)
+    state = state.to(OUT.dtype.element_ty).to(tl.float32)  # eager casts the state to x's dtype first
+    x_row0 = X + b * sxb + c * sxc
+    for t in range(L):
+        acc = tl.zeros((BLOCK_C,), tl.float32)
+        if HAS_BIAS:
+            acc += tl.load(BIAS + c, mask=cmask, other=0.0).to(tl.float32)
+        for k in tl.static_range(K):
+            wk = tl.load(W + c * K + k, mask=cmask, other=0.0).to(tl.float32)
+            acc += _window_column(state, x_row0, t + k, j, cmask, sxl, K) * wk
+        if SILU:
+            acc = acc * tl.sigmoid(acc)
+        tl.store(OUT + (b * L + t) * C + c, acc.to(OUT.dtype.element_ty), mask=cmask)
+    new = tl.zeros((BLOCK_C, KS_PAD), tl.float32)
+    for i in tl.static_range(K - 1):  # new state column i = window column L + i
+        new = tl.where(j[None, :] == i, _window_column(state, x_row0, L + i, j, cmask, sxl, K)[:, None], new)
+    tl.store(NS + (b * C + c[:, None]) * (K - 1) + j[None, :], new.to(NS.dtype.element_ty), mask=tile)
+
+
+def causal_conv1d_update_triton(x, conv_state, weight, bias, activation: Optional[str]):
+    reason = update_unsupported_reason(x, conv_state, weight, bias, activation)
+    if reason is not None:
+        raise ValueError(f"causal_conv1d_update_triton: {reason}")
+    batch, length, channels = x.shape
+    k = weight.shape[1]
+    out = torch.empty((batch, length, channels), dtype=x.dtype, device=x.device)
+    new_state = torch.empty((batch, channels, k - 1), dtype=x.dtype, device=x.device)
+    if out.numel():
+        # K = 1: no state; the masks never touch S or NS, so any valid pointer does
+        state_arg, new_arg = (conv_state, new_state) if k > 1 else (x, out)
+        grid = (triton.cdiv(channels, _BLOCK_C), batch)
+        _update[grid](x, state_arg, weight.contiguous(), bias if bias is not None else x, out, new_arg,
+                      length, channels, *x.stride(), *conv_state.stride(),
+                      K=k, KS_PAD=triton.next_power_of_2(max(k - 1, 1)), BLOCK_C=_BLOCK_C,
+                      HAS_BIAS=bias is not None, SILU=activation == "silu", num_warps=4)
+    return out, new_state
 
 
 def _check(x, weight, bias, activation):
