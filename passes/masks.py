@@ -27,8 +27,10 @@ aten = torch.ops.aten
 # Additive mask values at or below this are "masked": exp(score - rowmax) underflows to exactly 0
 # in fp32 for them whenever |scores| < 1e4, so they act as -inf (finfo(fp16).min = -65504 is one).
 MASKED_BELOW = -1e4
-# Constant masks up to 16k x 16k are evaluated at compile time; larger are left alone.
+# Constant masks up to 16k x 16k are evaluated at compile time; larger ones where they live on a GPU with
+# room for the value and classify()'s temporaries (a 32k x 32k fp32 mask is 4 GiB), else left alone.
 MAX_EVAL_ELEMENTS = 1 << 28
+EVAL_MEMORY_FACTOR = 4
 
 
 def masked_value(x) -> bool:
@@ -84,6 +86,16 @@ def _classify_plane(plane: torch.Tensor, prefer_blocked: bool):
     return None if band is None else (*band, fill, False)
 
 
+def _too_large_to_evaluate(v: torch.Tensor) -> Optional[str]:
+    if v.numel() <= MAX_EVAL_ELEMENTS:
+        return None
+    need = EVAL_MEMORY_FACTOR * v.numel() * v.element_size()
+    if v.device.type == "cuda" and need <= torch.cuda.mem_get_info(v.device)[0]:
+        return None
+    return (f"constant mask {list(v.shape)} not evaluated at compile time: above {MAX_EVAL_ELEMENTS} elements "
+            f"it is evaluated only on a GPU with {need / 2 ** 30:.1f} GiB free (device {v.device})")
+
+
 class MaskPass(Pass):
     name = "masks"
     provides = ("symbolic_masks",)
@@ -97,14 +109,18 @@ class MaskPass(Pass):
             if node.target in (aten.scatter.value, aten.scatter_.value):
                 self._topk(gm, node, ctx, constant)
             elif self._is_band_candidate(node, constant):
-                self._band(gm, node, ctx)
+                reason = _too_large_to_evaluate(val(node))
+                if reason is None:
+                    self._band(gm, node, ctx)
+                else:
+                    ctx.skip(node, reason)
 
     @staticmethod
     def _is_band_candidate(node: fx.Node, constant: dict) -> bool:
         v = val(node)
         if not isinstance(v, torch.Tensor) or v.dim() < 2 or min(v.shape[-2:]) < 1:
             return False
-        if not (v.dtype == torch.bool or v.is_floating_point()) or v.numel() > MAX_EVAL_ELEMENTS:
+        if not (v.dtype == torch.bool or v.is_floating_point()):
             return False
         if node.target is torch.ops.dsgraph.band_mask.default or not is_constant(node, constant):
             return False

@@ -82,6 +82,31 @@ def test_topk_scatter_becomes_an_index_mask():
     torch.testing.assert_close(gm(scores, idx), fn(scores, idx))
 
 
+def _causal(scores):
+    return scores + torch.full(scores.shape[-2:], float("-inf"), device=scores.device).triu(1)
+
+
+def test_masks_above_the_evaluation_limit_are_skipped_with_the_reason(monkeypatch):
+    import dsgraph.passes.masks as masks
+    monkeypatch.setattr(masks, "MAX_EVAL_ELEMENTS", 16)
+    scores = torch.randn(6, 6)
+    gm, report = rewrite(_causal, [scores], passes=[MaskPass()])
+    assert report.count("masks") == 0
+    assert any("not evaluated at compile time" in s.reason and "GiB free" in s.reason for s in report.skipped), report
+    torch.testing.assert_close(gm(scores), _causal(scores))
+
+
+@pytest.mark.gpu
+def test_masks_above_the_cpu_limit_are_evaluated_on_the_gpu(monkeypatch):
+    """A 32k x 32k causal mask (2^30 elements) is past the CPU limit: on a GPU with room it is folded."""
+    import dsgraph.passes.masks as masks
+    monkeypatch.setattr(masks, "MAX_EVAL_ELEMENTS", 16)
+    scores = torch.randn(6, 6, device="cuda")
+    gm, report = rewrite(_causal, [scores], passes=[MaskPass()])
+    assert report.count("masks") == 1 and report.rewrites[0].op == "band_mask", report
+    torch.testing.assert_close(gm(scores), _causal(scores))
+
+
 def test_constants_that_are_not_masks_are_left_alone():
     def fn(x):
         positions = torch.arange(6)[:, None] * torch.arange(4)[None].float()  # a RoPE-like table
