@@ -1,7 +1,8 @@
 """Eager vs plain torch.compile vs mamba-ssm wired by hand vs dsgraph on Nemotron V3's Mamba2 mixer, a
 4-layer Mamba stack and one decode step (GPU).
 
-    python benchmarks/nemotron_v3.py [--quick] [--seqs 4096,16384,65536] [--markdown FILE] [--commit SHA]
+    python benchmarks/nemotron_v3.py [--quick] [--seqs 4096,16384,65536] [--stack-seqs 4096,16384] [--no-decode]
+        [--markdown FILE] [--commit SHA]
 
 Widths: hidden 4096, 128 heads x 64, state 128, 8 groups, chunk 128, conv 4, bf16 weights and
 activations, batch 1. "eager" is models/nemotron_v3.py with use_mamba_kernels=False (the chunked SSD in
@@ -208,11 +209,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqs", default="4096,16384,65536")
     parser.add_argument("--quick", action="store_true", help="L = 4096 only (a smoke run)")
-    parser.add_argument("--stack-seqs", default="4096,16384", help="L for the 4-layer stack rows")
+    parser.add_argument("--stack-seqs", default="4096,16384", help="L for the 4-layer stack rows ('' for none)")
+    parser.add_argument("--no-decode", action="store_true", help="skip the decode-step row")
     args = parse_bench_args(parser)
     device = torch.device("cuda")
-    seqs = [4096] if args.quick else [int(s) for s in args.seqs.split(",")]
-    stack_seqs = [4096] if args.quick else [int(s) for s in args.stack_seqs.split(",")]
+    seqs = [4096] if args.quick else [int(s) for s in args.seqs.split(",") if s]
+    stack_seqs = [4096] if args.quick else [int(s) for s in args.stack_seqs.split(",") if s]
     # Lean (each compiled cell compiles once per shape and pass): plain torch.compile up to 16k (mixer)
     # and 4k (stack), the torch reference on the 4k mixer only.
     mixer_plan = [(L, set(COLUMNS) - ({"dsgraph reference"} if L > 4096 else set())
@@ -252,7 +254,8 @@ def main():
     d_header = ("| decode | eager ms | torch.compile ms | torch.compile cudagraphs ms | "
                 + " | ".join(f"{n} ms" for n in DECODE_DSGRAPH) + " | best dsgraph vs eager |")
     d_rows: list[str] = []
-    decode_row(config, device, d_rows)
+    if not args.no_decode:
+        decode_row(config, device, d_rows)
 
     title = (f"Nemotron V3 Mamba2, {run_label(args.commit)}; hidden 4096, 128 heads x 64, state 128, 8 groups, "
              f"chunk 128, bf16, batch 1 ({time.time() - start:.0f} s)")
