@@ -1,8 +1,8 @@
-"""Eager vs plain torch.compile vs mamba-ssm wired by hand vs dsgraph on Nemotron V3's Mamba2 mixer, a
-4-layer Mamba stack and one decode step (GPU).
+"""Eager vs plain torch.compile vs mamba-ssm wired by hand vs dsgraph on Nemotron V3's SSD scan, Mamba2
+mixer, a 4-layer Mamba stack and one decode step (GPU).
 
-    python benchmarks/nemotron_v3.py [--quick] [--seqs 4096,16384,65536] [--stack-seqs 4096,16384] [--no-decode]
-        [--markdown FILE] [--commit SHA]
+    python benchmarks/nemotron_v3.py [--quick] [--scan-seqs 4096,16384,65536] [--seqs 4096,16384,65536]
+        [--stack-seqs 4096,16384] [--no-decode] [--markdown FILE] [--commit SHA]
 
 Widths: hidden 4096, 128 heads x 64, state 128, 8 groups, chunk 128, conv 4, bf16 weights and
 activations, batch 1. "eager" is models/nemotron_v3.py with use_mamba_kernels=False (the chunked SSD in
@@ -11,9 +11,10 @@ rmsnorm_fn wired by hand, as NeMo's layers do); "dsgraph auto" is dsgraph.optimi
 passes route the scan to mamba-ssm where it can serve, the conv and gated norm to their kernels);
 "dsgraph reference" forces the torch reference kernels (4k only: the CPU path's cost on a GPU). The
 stack is the backbone of 4 'M' blocks (pre-norm, residual) without embeddings' and lm_head's cost that
-a small vocabulary leaves. Decode: one step of the mixer with its conv/SSM cache, batch 32 (the model's
-hand-wired path uses plain torch for S = 1 too, except mamba-ssm's rmsnorm_fn); the step is launch-bound,
-so plain torch.compile and dsgraph also run replayed as CUDA graphs ("reduce-overhead", "auto;cudagraphs").
+a small vocabulary leaves. The scan rows run the SSD alone as the mixer calls it (dt = softplus(dt_raw +
+dt_bias), A = -exp(A_log), per-group B and C, D skip; "mamba_ssm" = mamba_chunk_scan_combined). Decode: one step of the mixer with its conv/SSM cache, batch 32 (the model's
+hand-wired path uses plain torch for S = 1 too, except mamba-ssm's rmsnorm_fn); plain torch.compile and
+dsgraph also run replayed as CUDA graphs ("reduce-overhead", "auto;cudagraphs").
 
 Times are medians of triton.testing.do_bench; fwd+bwd is out.backward(dout) after the forward (gradients
 of the input and every parameter). "peak GiB" is the peak memory allocated by one step above what was
@@ -30,7 +31,7 @@ import triton
 
 import dsgraph
 from attention import emit, fmt_ms, markdown_table, parse_bench_args, ratio, run_label
-from dsgraph.models.nemotron_v3 import Mamba2State, NemotronV3Config, NemotronV3Mamba2Mixer, NemotronV3Model
+from dsgraph.models.nemotron_v3 import Mamba2State, NemotronV3Config, NemotronV3Model, mamba_kernels, ssd_chunked
 
 CONFIG = dict(hidden_size=4096, mamba_num_heads=128, mamba_head_dim=64, ssm_state_size=128, n_groups=8,
               chunk_size=128, conv_kernel=4, vocab_size=1024, hybrid_override_pattern="MMMM",
@@ -103,7 +104,7 @@ def cell(result) -> tuple[str, str]:
 def variants(module, columns):
     """(name, callable or None when skipped) per column; the eager module runs with use_mamba_kernels
     off, the wired column with it on (compiled modules trace the plain-torch path either way)."""
-    mixers = [m for m in module.modules() if isinstance(m, NemotronV3Mamba2Mixer)]
+    mixers = [m for m in module.modules() if hasattr(m, "use_mamba_kernels")]
 
     def wired(*a):
         for m in mixers:
@@ -162,6 +163,30 @@ def run_cases(what, make, plan, rows):
             torch.cuda.empty_cache()
 
 
+class Scan(torch.nn.Module):
+    """The SSD scan alone, as the mixer feeds it: x [1, L, H, P] -> y; dt = softplus(dt_raw + dt_bias),
+    A = -exp(A_log), B and C per group, the D skip (the mixer's scan call without z)."""
+
+    def __init__(self, config: NemotronV3Config, L: int):
+        super().__init__()
+        H, G, N = config.mamba_num_heads, config.n_groups, config.ssm_state_size
+        self.chunk_size, self.use_mamba_kernels = config.chunk_size, False
+        self.dt_raw = torch.nn.Parameter(torch.randn(1, L, H) - 4)
+        self.dt_bias = torch.nn.Parameter(torch.zeros(H))
+        self.A_log = torch.nn.Parameter(torch.rand(H).log1p())
+        self.B = torch.nn.Parameter(torch.randn(1, L, G, N))
+        self.C = torch.nn.Parameter(torch.randn(1, L, G, N))
+        self.D = torch.nn.Parameter(torch.ones(H))
+
+    def forward(self, x):
+        A = -torch.exp(self.A_log.float())
+        if self.use_mamba_kernels and not torch.compiler.is_compiling():
+            return mamba_kernels().mamba_chunk_scan_combined(x, self.dt_raw, A, self.B, self.C, self.chunk_size,
+                                                             D=self.D, dt_bias=self.dt_bias, dt_softplus=True)
+        dt = torch.nn.functional.softplus(self.dt_raw.float() + self.dt_bias.float())
+        return ssd_chunked(x, dt, A, self.B, self.C, self.chunk_size, D=self.D)[0]
+
+
 def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
@@ -210,19 +235,30 @@ def main():
     parser.add_argument("--seqs", default="4096,16384,65536")
     parser.add_argument("--quick", action="store_true", help="L = 4096 only (a smoke run)")
     parser.add_argument("--stack-seqs", default="4096,16384", help="L for the 4-layer stack rows ('' for none)")
+    parser.add_argument("--scan-seqs", default="4096,16384,65536", help="L for the scan-alone rows ('' for none)")
     parser.add_argument("--no-decode", action="store_true", help="skip the decode-step row")
     args = parse_bench_args(parser)
     device = torch.device("cuda")
     seqs = [4096] if args.quick else [int(s) for s in args.seqs.split(",") if s]
     stack_seqs = [4096] if args.quick else [int(s) for s in args.stack_seqs.split(",") if s]
+    scan_seqs = [4096] if args.quick else [int(s) for s in args.scan_seqs.split(",") if s]
     # Lean (each compiled cell compiles once per shape and pass): plain torch.compile up to 16k (mixer)
     # and 4k (stack), the torch reference on the 4k mixer only.
     mixer_plan = [(L, set(COLUMNS) - ({"dsgraph reference"} if L > 4096 else set())
                    - ({"torch.compile"} if L > 16384 else set())) for L in seqs]
+    scan_plan = [(L, set(COLUMNS) - ({"dsgraph reference"} if L > 4096 else set())
+                  - ({"torch.compile"} if L > 16384 else set())) for L in scan_seqs]
     stack_plan = [(L, set(COLUMNS) - {"dsgraph reference"} - ({"torch.compile"} if L > 4096 else set()))
                   for L in stack_seqs]
     config = NemotronV3Config(**CONFIG)
     start = time.time()
+
+    def scan(L, backward):
+        torch.manual_seed(0)
+        module = Scan(config, L).to(device, torch.bfloat16)
+        x = torch.randn(1, L, config.mamba_num_heads, config.mamba_head_dim, device=device, dtype=torch.bfloat16,
+                        requires_grad=backward)
+        return module, x
 
     def mixer(L, backward):
         torch.manual_seed(0)
@@ -249,6 +285,7 @@ def main():
     header = ("| case | L | pass | " + " | ".join(f"{c} ms | {c} peak GiB" for c in COLUMNS)
               + " | dsgraph vs eager | dsgraph vs compile | dsgraph / mamba_ssm time |")
     rows: list[str] = []
+    run_cases("scan", scan, scan_plan, rows)
     run_cases("mixer", mixer, mixer_plan, rows)
     run_cases("4-layer stack", stack, stack_plan, rows)
     d_header = ("| decode | eager ms | torch.compile ms | torch.compile cudagraphs ms | "
