@@ -1,6 +1,7 @@
 """Eager vs plain torch.compile vs dsgraph on eager attention (GPU).
 
-    python benchmarks/attention.py [--seqs 1024,2048,4096,8192,16384] [--markdown FILE]
+    python benchmarks/attention.py [--seqs 1024,4096,8192,16384,32768,65536] [--cases causal,window+sink]
+        [--eager-max 16384] [--markdown FILE]
 
 B=1, 32 query / 8 kv heads x 128, bf16. Eager is written as models write it: repeat_kv, an additive
 -inf mask built with triu (the window from two triu's, the sink as an extra softmax column), fp32
@@ -8,7 +9,9 @@ softmax. "causal" has no window; "window+sink" a 1024-key sliding window and a p
 FlexAttention is torch.compile(flex_attention) with a block mask built once outside the timing (the
 sink as softmax(scores) * sigmoid(lse - sink)); "autotune" is dsgraph.optimize(fn, policy="autotune")
 with a fresh cache, so the choice is measured in this run (its candidates' times are printed).
-Times are medians of triton.testing.do_bench; fwd+bwd is out.backward(dout) after the forward.
+"dsgraph triton" / "dsgraph flex" force that backend for the attention site. Cells: median ms of
+triton.testing.do_bench / peak GiB allocated during one step above what was allocated before it;
+fwd+bwd is out.backward(dout) after the forward.
 TFLOP/s counts the visible (unmasked) score entries only: 4*B*H*D per entry forward, 2.5x that
 backward, so every column is measured against the same useful work.
 """
@@ -108,6 +111,32 @@ def measure(fn, args, backward: bool):
         torch.cuda.empty_cache()
 
 
+def peak_gib(fn, args, backward: bool):
+    """Peak memory of one step above what is allocated before it, GiB (None when it does not fit)."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        if backward:
+            fn(*args).float().sum().backward()
+        else:
+            with torch.no_grad():
+                fn(*args)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2 ** 30
+    except torch.OutOfMemoryError:
+        return None
+    finally:
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                a.grad = None
+        torch.cuda.empty_cache()
+
+
+def fmt_gib(g):
+    return "OOM" if g is None else f"{g:.1f}"
+
+
 def markdown_table(title: str, header: str, rows: list[str]) -> list[str]:
     """A title line and a markdown table under it (the header gives the column count)."""
     return [title, "", header, "|" + "---|" * (header.count("|") - 1)] + rows
@@ -149,16 +178,20 @@ def emit(table: str, markdown: str | None) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seqs", default="1024,2048,4096,8192,16384")
+    parser.add_argument("--seqs", default="1024,4096,8192,16384,32768,65536")
     parser.add_argument("--cases", default="causal,window+sink")
+    parser.add_argument("--eager-max", type=int, default=16384,
+                        help="largest S for eager and plain torch.compile ([S, S] fp32 scores per head)")
     args = parse_bench_args(parser)
     seqs = [int(s) for s in args.seqs.split(",")]
     os.environ["DSGRAPH_CACHE_DIR"] = tempfile.mkdtemp(prefix="dsgraph-bench-autotune-")
     device = torch.device("cuda")
+    columns = ("eager", "torch.compile", "SDPA", "FlexAttention", "dsgraph triton", "dsgraph flex", "dsgraph auto",
+               "dsgraph autotune")
+    header = ("| case | S | pass | " + " | ".join(f"{c} ms / GiB" for c in columns)
+              + " | auto / autotune backend | best dsgraph vs eager | vs compile | vs SDPA or Flex | "
+              "best dsgraph TFLOP/s (% of 989) |")
     rows = []
-    header = ("| case | S | pass | eager ms | torch.compile ms | dsgraph ms | vs eager | vs compile | "
-              "dsgraph TFLOP/s (% of 989) | SDPA ms | dsgraph backend | FlexAttention ms | "
-              "dsgraph autotune ms | autotune backend |")
     print(header, flush=True)
     cases = [c for c in (("causal", None, False), ("window+sink", WINDOW, True)) if c[0] in args.cases.split(",")]
     for case, window, with_sink in cases:
@@ -173,39 +206,47 @@ def main():
             def fn(q, k, v, sinks):
                 return eager_attention(q, k, v, sinks, window=window)
 
-            compiled = torch.compile(fn)
-            optimized = dsgraph.optimize(fn)
-            # Compiled after `optimized` for each graph, so "dsgraph ms" is auto's order, not the cached choice.
-            tuned = dsgraph.optimize(fn, policy="autotune")
-            flex = flex_baseline(seq, window, device)
+            def sdpa(q, k, v, sinks):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            fns = {"eager": fn if seq <= args.eager_max else None,
+                   "torch.compile": torch.compile(fn) if seq <= args.eager_max else None,
+                   "SDPA": sdpa if window is None else None, "FlexAttention": flex_baseline(seq, window, device),
+                   "dsgraph triton": dsgraph.optimize(fn, policy="auto;attention=triton"),
+                   "dsgraph flex": dsgraph.optimize(fn, policy="auto;attention=flex"),
+                   "dsgraph auto": dsgraph.optimize(fn),
+                   # compiled after "auto" for each graph, so "auto" is the policy's order, not the cached choice
+                   "dsgraph autotune": dsgraph.optimize(fn, policy="autotune")}
             flops = 4 * B * HQ * D * visible_pairs(seq, window)
             for backward in (False, True):
-                times = [measure(f, inputs, backward) for f in (fn, compiled, optimized)]
-                sdpa = None
-                if window is None:
-                    sdpa = measure(lambda q, k, v, s: torch.nn.functional.scaled_dot_product_attention(
-                        q, k, v, is_causal=True, enable_gqa=True), inputs, backward)
-                eager_ms, compile_ms, ds_ms = times
-                flex_ms, tuned_ms = (measure(f, inputs, backward) for f in (flex, tuned))
+                cells = {}
+                for name, f in fns.items():
+                    ms = measure(f, inputs, backward) if f is not None else None
+                    cells[name] = (ms, peak_gib(f, inputs, backward) if ms is not None else None)
+                    if f is None:
+                        cells[name] = "cannot express" if name == "SDPA" else f"skipped (S > {args.eager_max})"
+                    torch.cuda.empty_cache()
+                backends = []
+                for name in ("dsgraph auto", "dsgraph autotune"):
+                    report = dsgraph.explain(fns[name])  # fwd and fwd+bwd compile separate graphs
+                    sites = [r for r in report.rewrites if r.op == "attention" and r.graph == report.graphs]
+                    backends.append(",".join(sorted({r.backend for r in sites})) or "none")
+                    for r in sites if name == "dsgraph autotune" else ():  # each candidate's time
+                        print(f"  autotune {case} S={seq} {'fwd+bwd' if backward else 'fwd'}: {r.tuning}: "
+                              + ", ".join(f"{b} {t:.3f} ms" if isinstance(t, float) else f"{b} {t}"
+                                          for b, t in r.timings.items()), flush=True)
+                ms_of = {n: c[0] if isinstance(c, tuple) else None for n, c in cells.items()}
+                best = min((ms_of[n] for n in columns if n.startswith("dsgraph") and ms_of[n] is not None), default=None)
                 work = flops * (3.5 if backward else 1.0)
-                report = dsgraph.explain(optimized)
-                backend = ",".join(sorted({r.backend for r in report.rewrites if r.op == "attention"})) or "none"
-                tuned_report = dsgraph.explain(tuned)  # fwd and fwd+bwd compile separate graphs
-                tuned_sites = [r for r in tuned_report.rewrites if r.op == "attention" and r.graph == tuned_report.graphs]
-                tuned_backend = ",".join(sorted({r.backend for r in tuned_sites})) or "none"
-                for r in tuned_sites:  # the autotune graphs: each candidate's time
-                    print(f"  autotune {case} S={seq} {'fwd+bwd' if backward else 'fwd'}: {r.tuning}: "
-                          + ", ".join(f"{b} {t:.3f} ms" if isinstance(t, float) else f"{b} {t}"
-                                      for b, t in r.timings.items()), flush=True)
-                fmt = fmt_ms
-                tflops = "-" if ds_ms is None else f"{work / ds_ms / 1e9:.0f} ({work / ds_ms / 1e9 / H100_BF16_PEAK:.0%})"
-                row = (f"| {case} | {seq} | {'fwd+bwd' if backward else 'fwd'} | {fmt(eager_ms)} | {fmt(compile_ms)} | "
-                       f"{fmt(ds_ms)} | {ratio(eager_ms, ds_ms)} | {ratio(compile_ms, ds_ms)} | {tflops} | "
-                       f"{fmt(sdpa) if window is None else 'cannot express'} | {backend} | {fmt(flex_ms)} | "
-                       f"{fmt(tuned_ms)} | {tuned_backend} |")
+                rate = "-" if best is None else f"{work / best / 1e9:.0f} ({work / best / 1e9 / H100_BF16_PEAK:.0%})"
+                baseline = ms_of["SDPA"] if window is None else ms_of["FlexAttention"]
+                row = (f"| {case} | {seq} | {'fwd+bwd' if backward else 'fwd'} | "
+                       + " | ".join(c if isinstance(c, str) else f"{fmt_ms(c[0])} / {fmt_gib(c[1])}"
+                                    if c[0] is not None else "OOM" for c in cells.values())
+                       + f" | {' / '.join(backends)} | {ratio(ms_of['eager'], best)} | "
+                       f"{ratio(ms_of['torch.compile'], best)} | {ratio(baseline, best)} | {rate} |")
                 rows.append(row)
                 print(row, flush=True)
-            del q, k, v, sinks, inputs, compiled, optimized, tuned, flex
+            del q, k, v, sinks, inputs, fns
             torch._dynamo.reset()
             torch.cuda.empty_cache()
     title = f"Attention, {run_label(args.commit)}; B={B}, {HQ}/{HKV} heads x {D}, bf16, window {WINDOW}"

@@ -30,7 +30,7 @@ import argparse
 import torch
 
 import dsgraph
-from attention import emit, fmt_ms as fmt, markdown_table, measure, parse_bench_args, ratio, run_label
+from attention import emit, fmt_gib, fmt_ms as fmt, markdown_table, measure, parse_bench_args, peak_gib, ratio, run_label
 from dsgraph.models import DeepseekV32Config, DeepseekV32ForCausalLM, mla_attention
 
 H, D_QK, D_V, D_NOPE, D_ROPE, TOPK = 128, 576, 512, 128, 64, 2048
@@ -48,32 +48,6 @@ def tflops(seq, backward, ms) -> str:
         return "-"
     rate = flops(seq, backward) / ms / 1e9
     return f"{rate:.0f} ({rate / H100_BF16_PEAK:.0%})"
-
-
-def peak_gib(fn, args, backward: bool):
-    """Peak memory of one step above what is allocated before it, GiB (None when it does not fit)."""
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    try:
-        if backward:
-            fn(*args).float().sum().backward()
-        else:
-            with torch.no_grad():
-                fn(*args)
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2 ** 30
-    except torch.OutOfMemoryError:
-        return None
-    finally:
-        for a in args:
-            if isinstance(a, torch.Tensor):
-                a.grad = None
-        torch.cuda.empty_cache()
-
-
-def fmt_gib(g):
-    return "OOM" if g is None else f"{g:.1f}"
 
 
 def causal_topk(scores: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ import time
 
 import torch
 import triton
+from torch._dynamo.utils import counters
 
 import dsgraph
 from attention import emit, fmt_ms, markdown_table, parse_bench_args, ratio, run_label
@@ -210,7 +211,11 @@ def decode_row(config, device, rows):
                "torch.compile cudagraphs": torch.compile(mixer, mode="reduce-overhead"), **optimized}
     results = {}
     for name, module in columns.items():
+        counters.clear()
         results[name] = guarded(name, lambda *a, fn=step(module): fn(*a)[0], (x, conv, ssm), False)
+        if "cudagraphs" in name and counters["inductor"]["cudagraph_skips"]:  # replayed without graphs
+            print(f"  {name}: CUDA graphs skipped {counters['inductor']['cudagraph_skips']} time(s) "
+                  "(TORCH_LOGS=perf_hints says why)", flush=True)
     with torch.no_grad():
         want = step(mixer)(x, conv, ssm)
         for name, opt in optimized.items():

@@ -28,26 +28,49 @@ aten = torch.ops.aten
 # in fp32 for them whenever |scores| < 1e4, so they act as -inf (finfo(fp16).min = -65504 is one).
 MASKED_BELOW = -1e4
 # Constant masks up to 16k x 16k are evaluated at compile time; larger ones where they live on a GPU with
-# room for the value and classify()'s temporaries (a 32k x 32k fp32 mask is 4 GiB), else left alone.
+# room for the value, a temporary of its size while it is computed and classify()'s row chunks (a 64k x 64k
+# fp32 mask is 16 GiB), else left alone.
 MAX_EVAL_ELEMENTS = 1 << 28
-EVAL_MEMORY_FACTOR = 4
+EVAL_MEMORY_FACTOR = 3
 
 
 def masked_value(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x <= MASKED_BELOW
 
 
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _row_chunks(rows: int, cols: int):
+    """Row slices of about CHUNK_ELEMENTS: the checks below never hold more than a few such temporaries
+    next to the mask (a 64k x 64k mask is 2^32 elements)."""
+    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+    return (slice(start, min(start + step, rows)) for start in range(0, rows, step))
+
+
 def band_of(allowed: torch.Tensor) -> Optional[tuple[Optional[int], Optional[int]]]:
     """(lower, upper) if ``allowed`` [S, T] is exactly the band ``lower <= j - i <= upper`` and
     masks something (an all-allowed constant is no mask)."""
     rows, cols = allowed.shape
-    if not allowed.any() or bool(allowed.all()):
+    lo, hi, count = None, None, 0
+    for part in _row_chunks(rows, cols):
+        diff = torch.arange(cols, device=allowed.device)[None, :] - torch.arange(
+            part.start, part.stop, device=allowed.device)[:, None]
+        chunk = allowed[part]
+        count += int(chunk.sum())
+        if chunk.any():
+            lo = min(v for v in (lo, int(diff.masked_fill(~chunk, cols).min())) if v is not None)
+            hi = max(v for v in (hi, int(diff.masked_fill(~chunk, -rows).max())) if v is not None)
+    if count in (0, rows * cols):
         return None
-    diff = torch.arange(cols, device=allowed.device)[None, :] - torch.arange(rows, device=allowed.device)[:, None]
-    lo, hi = int(diff[allowed].min()), int(diff[allowed].max())
     lower = None if lo <= -(rows - 1) else lo
     upper = None if hi >= cols - 1 else hi
-    return (lower, upper) if torch.equal(allowed, band_allowed(rows, cols, lower, upper, allowed.device)) else None
+    for part in _row_chunks(rows, cols):
+        band = band_allowed(part.stop - part.start, cols, None if lower is None else lower + part.start,
+                            None if upper is None else upper + part.start, allowed.device)
+        if not torch.equal(allowed[part], band):
+            return None
+    return lower, upper
 
 
 def classify(value: torch.Tensor, prefer_blocked: bool = False):
@@ -59,7 +82,7 @@ def classify(value: torch.Tensor, prefer_blocked: bool = False):
         planes.append(tuple(squeezed))
     for rows, cols in planes:
         flat = value.reshape(-1, rows, cols)
-        if not bool((flat == flat[:1]).all()):
+        if not all(torch.equal(plane, flat[0]) for plane in flat[1:]):
             continue  # differs across batch/head: not one band
         spec = _classify_plane(flat[0], prefer_blocked)
         if spec is not None:
@@ -78,11 +101,15 @@ def _classify_plane(plane: torch.Tensor, prefer_blocked: bool):
     if not plane.is_floating_point():
         return None
     blocked = plane != 0
-    fills = plane[blocked].unique()
-    if fills.numel() > 1 or (fills.numel() == 1 and not masked_value(float(fills[0]))):
+    fills = set()  # the distinct nonzero values, chunk by chunk (one is a mask's fill)
+    for part in _row_chunks(*plane.shape):
+        fills.update(plane[part][blocked[part]].unique().tolist())
+        if len(fills) > 1:
+            return None
+    if fills and not masked_value(next(iter(fills))):
         return None
     band = band_of(~blocked)
-    fill = float(fills[0]) if fills.numel() else float("-inf")
+    fill = fills.pop() if fills else float("-inf")
     return None if band is None else (*band, fill, False)
 
 

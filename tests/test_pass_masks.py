@@ -82,6 +82,24 @@ def test_topk_scatter_becomes_an_index_mask():
     torch.testing.assert_close(gm(scores, idx), fn(scores, idx))
 
 
+def test_classify_in_row_chunks(monkeypatch):
+    """Large masks are checked a few rows at a time: the same answers with chunks of 7 elements."""
+    import dsgraph.passes.masks as masks
+    monkeypatch.setattr(masks, "CHUNK_ELEMENTS", 7)
+    for rows, cols, lower, upper in [(9, 9, None, 0), (5, 12, -3, 7), (12, 5, -2, 1), (6, 6, 0, 0), (7, 3, None, -1)]:
+        allowed = band_allowed(rows, cols, lower, upper, "cpu")
+        additive = torch.zeros(rows, cols).masked_fill(~allowed, float("-inf"))
+        assert classify(additive) == (rows, cols, lower, upper, float("-inf"), False)
+        assert classify(allowed) == (rows, cols, lower, upper, 0.0, False)
+        broken, row = additive.clone(), int(allowed.any(1).nonzero().max())
+        keys = allowed[row].nonzero().flatten()
+        broken[row, keys[len(keys) // 2]] = float("-inf")  # a hole in the last chunk's band
+        assert classify(broken) is None
+    two_fills = torch.zeros(4, 4).masked_fill(torch.ones(4, 4, dtype=torch.bool).triu(1), float("-inf"))
+    two_fills[0, 3] = -1e9
+    assert classify(two_fills) is None
+
+
 def _causal(scores):
     return scores + torch.full(scores.shape[-2:], float("-inf"), device=scores.device).triu(1)
 
