@@ -1,5 +1,6 @@
 """dsgraph::causal_conv1d kernels: torch reference == a float64 eager ``F.conv1d`` oracle (autograd
-gradients); Triton == the reference. Triton runs under TRITON_INTERPRET=1 on CPU (tiny shapes)."""
+gradients); Triton == the reference. Likewise dsgraph::causal_conv1d_update (decode: the conv of
+cat([state, x]) and the shifted state). Triton runs under TRITON_INTERPRET=1 on CPU (tiny shapes)."""
 from __future__ import annotations
 
 import pytest
@@ -8,9 +9,10 @@ import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
 import dsgraph.ops.conv1d  # noqa: F401  (registers the op)
-from dsgraph.kernels.conv1d_ref import causal_conv1d_ref, causal_conv1d_ref_backward
+from dsgraph.kernels.conv1d_ref import causal_conv1d_ref, causal_conv1d_ref_backward, causal_conv1d_update_ref
 from dsgraph.kernels.conv1d_triton import (MAX_K, causal_conv1d_triton, causal_conv1d_triton_backward,
-                                           triton_unsupported_reason)
+                                           causal_conv1d_update_triton, triton_unsupported_reason,
+                                           update_unsupported_reason)
 from dsgraph.verify import assert_equivalent
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: the Triton interpreter
@@ -110,6 +112,89 @@ def test_triton_says_why_it_cannot_serve_a_site():
     assert "dtype" in triton_unsupported_reason(x.double(), torch.zeros(3, 4, dtype=torch.float64, device=DEVICE))
 
 
+# --- causal_conv1d_update (decode) ---------------------------------------------------------------------------------
+def update_oracle(x, state, weight, bias, activation):
+    """The eager decode step in float64 after the window's rounding to x's dtype: (out, new state)."""
+    window = torch.cat([state.to(x.dtype), x.transpose(1, 2)], dim=-1)
+    out = F.conv1d(window.double(), weight.double()[:, None], None if bias is None else bias.double(),
+                   groups=x.shape[2]).transpose(1, 2)
+    return F.silu(out) if activation == "silu" else out, window[..., x.shape[1]:]
+
+
+@st.composite
+def update_cases(draw, dtypes=DTYPES):
+    batch, length, channels, k = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 40)), \
+        draw(st.integers(1, 5))
+    dtype = draw(st.sampled_from(dtypes))
+    state_dtype = draw(st.sampled_from([dtype, torch.float32]))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 31 - 1)))
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(DEVICE)
+
+    if draw(st.booleans()):  # the xBC slice of a wider in_proj output
+        x = randn(batch, length, channels + 7).to(dtype)[..., 3:3 + channels]
+    else:
+        x = randn(batch, length, channels).to(dtype)
+    # a state written [B, C, K - 1] or seen through a transpose
+    state = randn(batch, channels, k - 1) if draw(st.booleans()) else randn(batch, k - 1, channels).transpose(1, 2)
+    bias = randn(channels).to(dtype) if draw(st.booleans()) else None
+    return x, state.to(state_dtype), randn(channels, k).to(dtype), bias, draw(st.sampled_from([None, "silu"]))
+
+
+@given(update_cases(dtypes=[torch.float32, torch.float64, torch.bfloat16]))
+def test_the_update_reference_is_the_eager_decode_step(case):
+    x, state, weight, bias, activation = case
+    want_out, want_state = update_oracle(x, state, weight, bias, activation)
+    out, new_state = causal_conv1d_update_ref(x, state, weight, bias, activation)
+    assert out.dtype == x.dtype and new_state.dtype == x.dtype and new_state.is_contiguous()
+    assert torch.equal(new_state, want_state)
+    # fp32 math rounded once to x's dtype (fp64 for fp64)
+    torch.testing.assert_close(out, want_out.to(x.dtype))
+
+
+@given(update_cases())
+def test_triton_update_matches_the_reference(case):
+    x, state, weight, bias, activation = case
+    want_out, want_state = causal_conv1d_update_ref(x, state, weight, bias, activation)
+    out, new_state = causal_conv1d_update_triton(x, state, weight, bias, activation)
+    assert out.dtype == want_out.dtype and out.shape == want_out.shape
+    assert new_state.dtype == want_state.dtype and torch.equal(new_state, want_state)  # bit for bit
+    assert_equivalent(out, want_out, "out")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_the_update_op_dispatches_to_its_backend(backend):
+    x, state = torch.randn(2, 1, 20, device=DEVICE), torch.randn(2, 20, 3, device=DEVICE)
+    weight, bias = torch.randn(20, 4, device=DEVICE), torch.randn(20, device=DEVICE)
+    out, new_state = torch.ops.dsgraph.causal_conv1d_update(x, state, weight, bias, "silu", backend)
+    want_out, want_state = update_oracle(x, state, weight, bias, "silu")
+    torch.testing.assert_close(out.double(), want_out, rtol=1e-5, atol=1e-5)
+    assert torch.equal(new_state, want_state)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda x, s, w: (x[:, :0], s, w), "x must be [B, L >= 1, C]"),
+    (lambda x, s, w: (x, s[..., :2], w), "conv_state must be [B, C, K - 1] = [2, 4, 3]"),
+    (lambda x, s, w: (x, s[:1], w), "conv_state must be [B, C, K - 1] = [2, 4, 3]"),
+    (lambda x, s, w: (x, s.int(), w), "conv_state dtype must be one of"),
+    (lambda x, s, w: (x, s, w[:3]), "weight must be [C, K] = [4, K >= 1]"),
+])
+def test_bad_update_arguments_are_named(call, message):
+    x, state, weight = call(torch.randn(2, 1, 4), torch.randn(2, 4, 3), torch.randn(4, 4))
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        torch.ops.dsgraph.causal_conv1d_update(x, state, weight, None, None, "torch")
+
+
+def test_triton_says_why_it_cannot_serve_an_update():
+    x, weight = torch.zeros(1, 1, 3, device=DEVICE), torch.zeros(3, 4, device=DEVICE)
+    assert "conv_state dtype" in update_unsupported_reason(x, torch.zeros(1, 3, 3, dtype=torch.float64, device=DEVICE),
+                                                           weight)
+    assert "kernel width" in update_unsupported_reason(x, torch.zeros(1, 3, MAX_K, device=DEVICE),
+                                                       torch.zeros(3, MAX_K + 1, device=DEVICE))
+    assert update_unsupported_reason(x, torch.zeros(1, 3, 3, device=DEVICE), weight) is None
+
+
 # --- GPU: Nemotron-sized sites (conv_dim 4096 + 2*8*128, K 4, L 4096, bf16) --------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("activation", ["silu", None])
@@ -128,3 +213,22 @@ def test_gpu_triton_matches_the_reference_at_nemotron_sizes(activation):
     for name, g, w in zip(("dx", "dweight", "dbias"), got, want):
         assert g.dtype == w.dtype, name
         assert_equivalent(g, w, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("state_dtype", [torch.bfloat16, torch.float32])
+def test_gpu_triton_update_matches_the_reference_at_nemotron_decode_sizes(state_dtype):
+    """Decode: B = 32 rows of one token, conv_dim 8192 + 2*8*128, K 4, bf16 xBC read in place from
+    in_proj's output; the new state bit for bit."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    batch, d, conv_dim = 32, 8192, 8192 + 2 * 8 * 128
+    proj = torch.randn(batch, 1, d + conv_dim + 64, device="cuda", generator=gen, dtype=torch.bfloat16)
+    x = proj[..., d:d + conv_dim]
+    state = torch.randn(batch, conv_dim, 3, device="cuda", generator=gen).to(state_dtype)
+    weight = 0.5 * torch.randn(conv_dim, 4, device="cuda", generator=gen, dtype=torch.bfloat16)
+    bias = torch.randn(conv_dim, device="cuda", generator=gen, dtype=torch.bfloat16)
+    for activation in ("silu", None):
+        out, new_state = causal_conv1d_update_triton(x, state, weight, bias, activation)
+        want_out, want_state = causal_conv1d_update_ref(x, state, weight, bias, activation)
+        assert torch.equal(new_state, want_state) and new_state.dtype == torch.bfloat16
+        assert_equivalent(out, want_out, "out")

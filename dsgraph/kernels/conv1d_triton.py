@@ -124,11 +124,24 @@ def _bwd(X, W, BIAS, DY, DX, DW, DB, L, C, n_l, n_tiles, sxb, sxl, sxc, sdb, sdl
 
 
 @triton.jit
+def _round_to(v, DTYPE: tl.constexpr):
+    """fp32 ``v`` rounded to DTYPE's precision, to nearest even, as torch's cast (the new state must equal
+    eager's bit for bit); for bf16 written out on the bits: the Triton interpreter truncates there."""
+    if DTYPE == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        return tl.where(v != v, v, bits.to(tl.float32, bitcast=True))  # NaN stays NaN
+    return v.to(DTYPE).to(tl.float32)
+
+
+@triton.jit
 def _window_column(state, x_row0, p, j, cmask, sxl, K: tl.constexpr):
     """fp32 window column p (a runtime position) of the program's channels; ``state`` is the
     [BLOCK_C, KS_PAD] state tile, ``x_row0`` points at x[b, 0, c]."""
     from_state = tl.sum(tl.where(j[None, :] == p, state, 0.0), 1)  # 0 unless p < K - 1
-    from_x = tl.load(x_row0 + (p - (K - 1)).to(tl.int64) * sxl, mask=cmask & (p >= K - 1), other=0.0)
+    # the row as an int64 vector: 64-bit offsets, and the interpreter mistypes a mask with a scalar term
+    row = tl.zeros_like(cmask).to(tl.int64) + p - (K - 1)
+    from_x = tl.load(x_row0 + row * sxl, mask=cmask & (row >= 0), other=0.0)
     return from_state + from_x.to(tl.float32)
 
 
@@ -142,7 +155,7 @@ def _update(X, S, W, BIAS, OUT, NS, L, C, sxb, sxl, sxc, ssb, ssc, ssk,
     j = tl.arange(0, KS_PAD)
     tile = cmask[:, None] & (j < K - 1)[None, :]
     state = tl.load(S + b * ssb + c[:, None] * ssc + j[None, :] * ssk, mask=tile, other=0.0)
-    state = state.to(OUT.dtype.element_ty).to(tl.float32)  # eager casts the state to x's dtype first
+    state = _round_to(state.to(tl.float32), OUT.dtype.element_ty)  # eager casts the state to x's dtype first
     x_row0 = X + b * sxb + c * sxc
     for t in range(L):
         acc = tl.zeros((BLOCK_C,), tl.float32)
