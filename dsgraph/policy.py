@@ -11,9 +11,17 @@ from typing import Mapping
 
 # "sdpa" first among the portable ones: where it can express a site, PyTorch's flash kernels are
 # faster than ours (see benchmarks/RESULTS.md); likewise mamba-ssm's tuned Triton kernels (Mamba2
-# scan, decode step) before ours. "flex" (PyTorch's FlexAttention) after our Triton kernel, which
+# scan, gated norm) before ours. "flex" (PyTorch's FlexAttention) after our Triton kernel, which
 # beats it on the bands and sinks it serves.
 BACKENDS = ("tilelang", "sdpa", "mamba_ssm", "triton", "flex", "torch")
+# Ops whose default order differs from BACKENDS (a default, so neither forced nor exempt from tuning).
+# ssd_step: mamba-ssm's selective_state_update updates its state in place, so our functional op copies
+# the state first; on an H100 at Nemotron decode sizes (b=32, H=128, P=64, N=128, fp32 state 128 MiB)
+# that copy took 86 us next to the kernel's 98 us. Our Triton step writes the new state out of place
+# in one pass (256 MiB moved instead of 512 MiB).
+DEFAULT_OP_ORDERS: Mapping[str, tuple[str, ...]] = {
+    "ssd_step": ("tilelang", "sdpa", "triton", "mamba_ssm", "flex", "torch"),
+}
 PRESETS = ("auto", "autotune", "reference", "triton", "tilelang")
 # How a policy uses measured choices (dsgraph/autotune.py): "off", "cached" (use a cached choice when
 # there is one, never measure), "measure" (time every backend that can serve a site, cache the winner).
@@ -27,7 +35,10 @@ class Policy:
     """Per-op ordered backend preference.
 
     - ``order``: default preference for every op, e.g. ``("tilelang", "triton", "sdpa", "torch")``.
-    - ``ops``: per-op overrides, e.g. ``{"attention": ("triton", "torch")}``.
+      The default, ``BACKENDS``, stands for each op's default order: ``DEFAULT_OP_ORDERS`` where the
+      op has an entry (ssd_step: triton before mamba_ssm), else ``BACKENDS``; any other order applies
+      as given to every op.
+    - ``ops``: per-op overrides the user named, e.g. ``{"attention": ("triton", "torch")}`` (forced).
     - ``forced``: the user named these backends (preset "triton"/"tilelang"/"reference" or an explicit
       order): when none of them can serve a site, ``strict`` raises, otherwise the remaining backends
       are tried with a logged warning.
@@ -107,10 +118,18 @@ class Policy:
         return cls.preset(preset, **fields)
 
     def backends_for(self, op: str) -> tuple[str, ...]:
-        return tuple(self.ops.get(op, self.order))
+        if op in self.ops:
+            return tuple(self.ops[op])
+        return default_order(op) if tuple(self.order) == BACKENDS else tuple(self.order)
 
     def is_forced(self, op: str) -> bool:
         return self.forced or op in self.ops
+
+
+def default_order(op: str) -> tuple[str, ...]:
+    """The preference of ``op`` under the default order (also the order in which a forced, non-strict
+    policy tries the remaining backends)."""
+    return DEFAULT_OP_ORDERS.get(op, BACKENDS)
 
 
 def _check_backends(backends) -> None:

@@ -10,7 +10,7 @@ import dataclasses
 import logging
 from typing import Any, Callable, Optional
 
-from .policy import BACKENDS, Policy
+from .policy import Policy, default_order
 
 log = logging.getLogger("dsgraph")
 
@@ -72,7 +72,7 @@ def choose(op: str, policy: Policy, site: str, *, requires_grad: bool = False, *
     preferred = policy.backends_for(op)
     candidates = list(preferred)
     if policy.is_forced(op) and not policy.strict:
-        candidates += [b for b in BACKENDS if b not in candidates]
+        candidates += [b for b in default_order(op) if b not in candidates]
     tuned = policy.tuning != "off" and not policy.is_forced(op)
     reasons: dict[str, str] = {}
     usable: list[str] = []

@@ -1,12 +1,17 @@
 """dsgraph::ssd_scan / ssd_step kernels: the torch reference against the model's chunked and step-by-step
-SSD (float64, gradients included), argument checks, and (GPU) the mamba_ssm backend against the reference."""
+SSD (float64, gradients included), argument checks, the Triton step against the reference (interpreter on
+CPU), the default policy's step order, and (GPU) the mamba_ssm and Triton backends against the reference."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
 import dsgraph  # noqa: F401  (registers the dsgraph:: ops)
-from dsgraph.kernels import ssd_mamba, ssd_ref
+from dsgraph import registry
+from dsgraph.kernels import ssd_mamba, ssd_ref, ssd_triton
+from dsgraph.policy import BACKENDS, Policy
 from dsgraph.models.nemotron_v3 import ssd_chunked, ssd_naive, ssd_step
 
 scan = torch.ops.dsgraph.ssd_scan
@@ -222,3 +227,178 @@ def test_gpu_mamba_step_matches_reference(dtype, D, z):
     assert y.dtype == dtype and new.dtype == torch.float32
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5  # elementwise fp32 math; bf16 only rounds y (1-2 ulps)
     print({"y": f"{_close('y', y, y_ref, tol):.2e}", "state": f"{_close('new state', new, new_ref, 1e-5):.2e}"})
+
+
+# ------------------------------------------------------------------------------------------------------
+# The Triton step (out of place, one pass over the state) against the reference; the default policy's order
+# ------------------------------------------------------------------------------------------------------
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: the Triton interpreter
+STEP_NAMES = ("state", "x", "dt", "A", "B", "C", "D", "z")
+EPS32 = 2.0 ** -24
+DEFAULT_TOLS = {torch.bfloat16: (1.6e-2, 1e-5), torch.float16: (1e-3, 1e-5), torch.float32: (1.3e-6, 1e-5)}
+NEMOTRON_DECODE = dict(b=32, H=128, P=64, G=8, N=128)
+
+
+def _noncontiguous(t):
+    """t's values in a view with reversed, padded strides (every other element of a transposed buffer)."""
+    buf = t.new_zeros([2 * s + 1 for s in reversed(t.shape)])
+    view = buf.permute(*reversed(range(t.dim())))[tuple(slice(1, None, 2) for _ in t.shape)]
+    view.copy_(t)
+    return view
+
+
+def _step_inputs(b, H, P, G, N, *, D, z, dtype, growth=False, strided=False, device=DEVICE, seed=0):
+    """fp32 state, x/B/C/z in ``dtype``, dt = softplus(...) > 0, A < 0; ``growth``: A > 0 (decays above 1,
+    which mamba-ssm would clip); ``strided``: every input a non-contiguous view."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    A = torch.exp(r(H) * 0.5) * (0.25 if growth else -1.0)
+    args = dict(state=r(b, H, P, N), x=r(b, H, P).to(dtype), dt=F.softplus(r(b, H) - 2), A=A,
+                B=r(b, G, N).to(dtype), C=r(b, G, N).to(dtype), D=r(H) if D else None,
+                z=r(b, H, P).to(dtype) if z else None)
+    args = {k: None if v is None else v.to(device) for k, v in args.items()}
+    return {k: _noncontiguous(v) if strided and v is not None else v for k, v in args.items()}
+
+
+def _check_step(args, y, new):
+    """Against the reference in float64. The new state: fp32 defaults (elementwise math). y: the dtype's
+    default tolerances plus the fp32 rounding bound of the kernel's sum over N in any order,
+    4 (N + 4) eps32 times the sum of its terms' magnitudes (computed from the float64 values)."""
+    wide = {k: None if v is None else v.double() for k, v in args.items()}
+    y64, new64 = ssd_ref.ssd_step_ref(**wide)
+    assert y.dtype == args["x"].dtype and new.dtype == torch.float32 and new.shape == new64.shape
+    torch.testing.assert_close(new, new64.float())
+    H, N = new64.shape[1], new64.shape[3]
+    C = wide["C"].abs().repeat_interleave(H // wide["C"].shape[1], 1)
+    mag = torch.einsum("bhpn,bhn->bhp", new64.abs(), C)
+    if wide["D"] is not None:
+        mag = mag + (wide["D"][:, None] * wide["x"]).abs()
+    if wide["z"] is not None:
+        mag = mag * F.silu(wide["z"]).abs()
+    rtol, atol = DEFAULT_TOLS[y.dtype]
+    err = (y.double() - y64).abs()
+    allowed = rtol * y64.abs() + atol + 4 * (N + 4) * EPS32 * mag
+    assert (err <= allowed).all(), \
+        f"y: error {err.max().item():.3g}, exceeds the bound by {(err - allowed).max().item():.3g}"
+
+
+@given(b=st.integers(1, 2), G=st.integers(1, 3), R=st.integers(1, 3), P=st.integers(1, 9),
+       N=st.one_of(st.integers(1, 33), st.sampled_from([64, 100, 128, 256])), D=st.booleans(), z=st.booleans(),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]), strided=st.booleans(),
+       growth=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_triton_step_equals_reference(b, G, R, P, N, D, z, dtype, strided, growth, seed):
+    """Any P and N (padded tiles, several P blocks), groups shared by R heads, D and z on or off, any x
+    dtype, inputs read through their strides, decays above 1 not clipped; the old state is untouched."""
+    args = _step_inputs(b, G * R, P, G, N, D=D, z=z, dtype=dtype, growth=growth, strided=strided, seed=seed)
+    assert ssd_triton.step_unsupported(**args) is None
+    before = {k: v.clone() for k, v in args.items() if v is not None}
+    y, new = step(*[args[k] for k in STEP_NAMES], "triton")
+    _check_step(args, y, new)
+    for k, v in before.items():
+        assert torch.equal(args[k], v), f"{k} changed: the step must be out of place"
+
+
+def test_triton_step_opcheck():
+    args = _step_inputs(2, 4, 5, 2, 6, D=True, z=True, dtype=torch.bfloat16, strided=True)
+    assert not any(v.is_contiguous() for v in args.values())
+    torch.library.opcheck(step, (*[args[k] for k in STEP_NAMES], "triton"))
+
+
+def test_triton_step_says_why_it_cannot_serve(monkeypatch):
+    ok = _step_inputs(1, 2, 3, 1, 4, D=True, z=True, dtype=torch.bfloat16)
+    assert ssd_triton.step_unsupported(**ok) is None
+    cases = [(dict(state=ok["state"].double()), "fp32 state"),
+             (dict(x=ok["x"].double()), "outside float16/bfloat16/float32"),
+             (dict(z=ok["z"].to(torch.int32)), "'z': 'torch.int32'"),
+             (dict(B=torch.zeros(1, 1, 257, device=DEVICE), C=torch.zeros(1, 1, 257, device=DEVICE),
+                   state=torch.zeros(1, 2, 3, 257, device=DEVICE)), "N = 257 > 256"),
+             ({k: v.to("meta") for k, v in ok.items()}, "device meta not supported")]
+    for change, message in cases:
+        args = {**ok, **change}
+        assert message in ssd_triton.step_unsupported(**args), change.keys()
+        with pytest.raises(ValueError, match="ssd_step \\(triton\\)"):
+            ssd_triton.step_forward(**args)
+    monkeypatch.setattr(ssd_triton, "_INTERPRET", False)
+    cpu = {k: v.cpu() for k, v in ok.items()}
+    assert "needs TRITON_INTERPRET=1" in ssd_triton.step_unsupported(**cpu)
+
+
+def _serve_everything(monkeypatch, op):
+    """A (mocked) CUDA site: every registered kernel of ``op`` says it can serve."""
+    for backend, impl in list(registry._KERNELS[op].items()):
+        monkeypatch.setitem(registry._KERNELS[op], backend, dataclasses.replace(impl, unsupported=lambda **kw: None))
+
+
+def test_auto_policy_prefers_triton_for_the_step_only(monkeypatch):
+    """The default order puts triton before mamba_ssm for ssd_step (no state copy) without forcing it;
+    ssd_scan (and the other ops) keep mamba_ssm first; a user's order or per-op choice is theirs."""
+    auto = Policy.preset("auto")
+    order = auto.backends_for("ssd_step")
+    assert sorted(order) == sorted(BACKENDS) and order.index("triton") < order.index("mamba_ssm")
+    assert auto.backends_for("ssd_scan") == auto.backends_for("gated_rmsnorm") == BACKENDS
+    assert not auto.is_forced("ssd_step") and not Policy.preset("autotune").is_forced("ssd_step")
+    assert Policy(order=("mamba_ssm", "triton", "torch")).backends_for("ssd_step") == ("mamba_ssm", "triton", "torch")
+    assert Policy.preset("reference").backends_for("ssd_step") == ("torch",)
+
+    args = _step_inputs(1, 2, 3, 1, 4, D=True, z=True, dtype=torch.bfloat16, device="cpu")
+    # A plain CPU (no interpreter): neither GPU backend serves; torch does, each reason on the way.
+    monkeypatch.setattr(ssd_triton, "_INTERPRET", False)
+    choice = registry.choose("ssd_step", auto, "test", **args)
+    assert choice.backend == "torch", choice
+    assert list(choice.rejected) == ["tilelang", "sdpa", "triton", "mamba_ssm", "flex"], choice
+    assert "TRITON_INTERPRET" in choice.rejected["triton"] and "CUDA" in choice.rejected["mamba_ssm"], choice
+
+    _serve_everything(monkeypatch, "ssd_step")
+    _serve_everything(monkeypatch, "ssd_scan")
+    assert registry.choose("ssd_step", auto, "test", **args).backend == "triton"
+    scan_args = _scan_inputs(1, 4, 2, 3, 1, 4, dtype=torch.float32)
+    assert registry.choose("ssd_scan", auto, "test", **scan_args, chunk_size=4).backend == "mamba_ssm"
+    # A user's choice stays forced; a forced backend that has no kernel falls back in the op's own order.
+    user = Policy.parse("auto;ssd_step=mamba_ssm,torch")
+    assert user.is_forced("ssd_step") and registry.choose("ssd_step", user, "test", **args).backend == "mamba_ssm"
+    assert registry.choose("ssd_step", Policy.preset("tilelang"), "test", **args).backend == "triton"
+
+
+def test_auto_policy_serves_the_models_step_with_triton():
+    """Through the pass: with the interpreter (or a GPU) "auto" gives the model's decode step to triton,
+    reading the slices the graph hands it; the output and the new state equal eager."""
+    from dsgraph.models.nemotron_v3 import ssd_step as model_step
+    from dsgraph.passes import SSDPass
+    from dsgraph.testing import assert_rewrites
+
+    args = _step_inputs(2, 4, 3, 2, 5, D=True, z=False, dtype=torch.float32)
+    inputs = [args[k] for k in STEP_NAMES[:7]]
+    report = assert_rewrites(model_step, inputs, pass_name="ssd", passes=[SSDPass()], policy="auto", grads=False)
+    assert [(r.op, r.backend) for r in report.rewrites] == [("ssd_step", "triton")], report
+
+
+# ------------------------------------------------------------------------------------------------------
+# GPU: the Triton step at Nemotron decode sizes, against the reference and the mamba_ssm backend
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+@pytest.mark.parametrize("D, z", [(False, False), (True, True)], ids=["plain", "D-z"])
+def test_gpu_triton_step_at_nemotron_decode_sizes(strided, D, z):
+    args = _step_inputs(**NEMOTRON_DECODE, D=D, z=z, dtype=torch.bfloat16, strided=strided, device="cuda")
+    assert ssd_triton.step_unsupported(**args) is None
+    before = args["state"].clone()
+    y, new = step(*[args[k] for k in STEP_NAMES], "triton")
+    assert torch.equal(args["state"], before), "the op must not update its state input in place"
+    _check_step(args, y, new)
+
+
+@pytest.mark.gpu
+def test_gpu_triton_step_matches_mamba_ssm_and_is_faster():
+    """Same y and state as mamba-ssm's selective_state_update (both fp32 math, y rounded once to bf16:
+    1-2 ulps apart), and faster than that backend's copy + in-place update (the reason the default
+    order puts triton first for ssd_step)."""
+    import triton.testing
+
+    _needs_mamba()
+    args = _step_inputs(**NEMOTRON_DECODE, D=True, z=True, dtype=torch.bfloat16, device="cuda")
+    inputs = [args[k] for k in STEP_NAMES]
+    ours, theirs = step(*inputs, "triton"), step(*inputs, "mamba_ssm")
+    errors = {"y": _close("y", ours[0], theirs[0], 2e-2), "state": _close("new state", ours[1], theirs[1], 1e-5)}
+    ms = {b: triton.testing.do_bench(lambda b=b: step(*inputs, b)) for b in ("triton", "mamba_ssm")}
+    print({k: f"{v:.2e}" for k, v in errors.items()}, {b: f"{t * 1e3:.1f} us" for b, t in ms.items()})
+    assert ms["triton"] <= ms["mamba_ssm"], f"triton {ms['triton']:.4f} ms > mamba_ssm {ms['mamba_ssm']:.4f} ms"

@@ -213,7 +213,9 @@ def test_gpu_mixer_scan_routed_to_mamba_ssm():
 
 
 @pytest.mark.gpu
-def test_gpu_mixer_decode_step_routed_to_mamba_ssm():
+@pytest.mark.parametrize("backend", ["triton", "mamba_ssm"])
+def test_gpu_mixer_decode_step_routed_to_its_kernel(backend):
+    """auto picks our out-of-place Triton step; mamba-ssm's serves when named."""
     mixer, config = _gpu_mixer()
     x = torch.randn(3, 13, config.hidden_size, device="cuda")
     with torch.no_grad():
@@ -221,8 +223,9 @@ def test_gpu_mixer_decode_step_routed_to_mamba_ssm():
         def decode(x, conv, ssm):
             out, new = mixer(x, cache._replace(conv=conv, ssm=ssm), use_cache=True)
             return out, new.ssm
-        gm, report = rewrite(decode, (x[:, 12:], cache.conv, cache.ssm), policy="auto")
-        assert [r.backend for r in report.rewrites if r.op == "ssd_step"] == ["mamba_ssm"], report
+        policy = "auto" if backend == "triton" else "auto;ssd_step=mamba_ssm;strict"
+        gm, report = rewrite(decode, (x[:, 12:], cache.conv, cache.ssm), policy=policy)
+        assert [r.backend for r in report.rewrites if r.op == "ssd_step"] == [backend], report
         y, state = gm(x[:, 12:], cache.conv, cache.ssm)
         full, _ = mixer(x)
     _assert_near("y", y, full[:, 12:], 1e-4)  # elementwise fp32 math in both

@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..kernels import ssd_mamba, ssd_ref
+from ..kernels import ssd_mamba, ssd_ref, ssd_triton
 from ..registry import KernelImpl, kernel, register_kernel
 from .dtensor import reject_dtensor
 
@@ -129,5 +129,6 @@ register_kernel(KernelImpl("ssd_scan", "mamba_ssm", ssd_mamba.scan_forward, ssd_
                            ssd_mamba.scan_unsupported))
 register_kernel(KernelImpl("ssd_step", "torch", ssd_ref.ssd_step_ref, None, _serves_all))
 register_kernel(KernelImpl("ssd_step", "mamba_ssm", ssd_mamba.step_forward, None, ssd_mamba.step_unsupported))
+register_kernel(KernelImpl("ssd_step", "triton", ssd_triton.step_forward, None, ssd_triton.step_unsupported))
 
 reject_dtensor("ssd_scan", "ssd_scan_backward", "ssd_step")
