@@ -185,6 +185,9 @@ def main():
     args = parse_bench_args(parser)
     seqs = [int(s) for s in args.seqs.split(",")]
     os.environ["DSGRAPH_CACHE_DIR"] = tempfile.mkdtemp(prefix="dsgraph-bench-autotune-")
+    # Six compiled columns of one function, forward and backward graphs: past Dynamo's default limit of 8
+    # compiled versions per frame the later ones would silently run eager.
+    torch._dynamo.config.recompile_limit = 64
     device = torch.device("cuda")
     columns = ("eager", "torch.compile", "SDPA", "FlexAttention", "dsgraph triton", "dsgraph flex", "dsgraph auto",
                "dsgraph autotune")
