@@ -6,6 +6,7 @@ from .hadamard import HadamardPass
 from .indexer import IndexerPass
 from .masks import MaskPass
 from .mla_absorb import MLAAbsorbPass
+from .sinkhorn import SinkhornPass
 from .ssd import SSDPass
 from .sparse_attention import SparseAttentionPass
 
@@ -13,8 +14,10 @@ from .sparse_attention import SparseAttentionPass
 def default_passes():
     """All passes, in any order: the pipeline orders them by what they need and provide."""
     return [AttentionPass(), CausalConv1dPass(), GatedNormPass(),
-            HadamardPass(), IndexerPass(), MaskPass(), SparseAttentionPass(), MLAAbsorbPass(), SSDPass()]
+            HadamardPass(), IndexerPass(), MaskPass(), SparseAttentionPass(), MLAAbsorbPass(), SSDPass(),
+            SinkhornPass()]
 
 
 __all__ = ["AttentionPass", "CausalConv1dPass", "GatedNormPass",
-           "HadamardPass", "IndexerPass", "MaskPass", "MLAAbsorbPass", "SparseAttentionPass", "SSDPass", "default_passes"]
+           "HadamardPass", "IndexerPass", "MaskPass", "MLAAbsorbPass", "SinkhornPass", "SparseAttentionPass", "SSDPass",
+           "default_passes"]
