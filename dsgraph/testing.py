@@ -3,6 +3,7 @@
 - :func:`assert_rewrites`: traces a function, runs passes, and checks BOTH that a given pass rewrote
   at least ``min_count`` sites AND that outputs and gradients equal the eager function's. A pattern
   that silently fails to match fails the assertion instead of passing as "equivalent".
+- :func:`assert_left_alone`: its negative counterpart, for near misses a pass must not touch.
 - Hypothesis strategies: :func:`attention_shapes`, :func:`dtypes`, :func:`masks` (with
   :func:`eager_mask`, which writes a mask the way eager code does, in several styles) and
   :func:`model_configs`.
@@ -21,7 +22,7 @@ from .policy import Policy, resolve_policy
 from .report import Report
 from .verify import assert_equivalent
 
-__all__ = ["capture", "rewrite", "assert_rewrites", "assert_equivalent", "AttentionShape", "attention_shapes",
+__all__ = ["capture", "rewrite", "assert_rewrites", "assert_left_alone", "assert_equivalent", "AttentionShape", "attention_shapes",
            "dtypes", "MaskSpec", "masks", "eager_mask", "model_configs"]
 
 
@@ -99,6 +100,20 @@ def _float64_run(fn, args, expected, leaves, grads, seed):
     wide_leaves = [w for a, w in zip(args, wide) if isinstance(a, torch.Tensor) and a.requires_grad]
     cot = [c.double() for c in _cotangents(expected, seed)]
     return _flat(out), (_grads(out, out, wide_leaves, cot) if grads and leaves else [])
+
+
+def assert_left_alone(fn: Callable, args: Sequence[Any], *, pass_name: str, op: str,
+                      passes: Optional[Sequence[Pass]] = None, policy: "Policy | str" = "reference") -> Report:
+    """Assert that ``pass_name`` rewrote no site of ``fn``, that no ``dsgraph::op`` is in the graph, and
+    that the graph still computes eager ``fn``'s outputs. Returns the report (its skipped sites)."""
+    gm, report = rewrite(fn, args, passes=passes, policy=policy)
+    assert report.count(pass_name) == 0, f"pass {pass_name!r} rewrote a site it should leave alone\n{report}"
+    target = getattr(torch.ops.dsgraph, op).default
+    assert not any(n.target is target for n in gm.graph.nodes), f"dsgraph::{op} is in the graph\n{report}"
+    expected = fn(*args)
+    assert_equivalent(_flat(_unwrap(gm(*args), expected)), _flat(expected),
+                      f"the graph {pass_name} left alone computes differently")
+    return report
 
 
 def _assert_no_worse(got, want, exact, message):

@@ -194,6 +194,27 @@ def _only_user(node: fx.Node, *targets) -> fx.Node:
 _NONNEG = {aten.exp.default, aten.softplus.default, aten.relu.default, aten.sigmoid.default, aten.abs.default}
 
 
+def _ungrouped(node: fx.Node, head_dim: int) -> fx.Node:
+    """The per-group tensor that B or C expands over the heads at ``head_dim`` (``repeat_interleave``, or
+    unsqueeze/expand/reshape), else ``node`` itself; groups tiled so that head h reads group h % G are
+    rejected (the op reads group h // (H / G))."""
+    rank = val(node).dim()
+    if _call(node, aten.repeat_interleave.self_int) and len(node.args) >= 3 and node.args[2] % rank == head_dim:
+        return node.args[0]
+    if _call(node, aten.repeat.default):
+        raise Reject("groups expanded with repeat (head h reads group h % G): the op reads group h // (H/G)")
+    if _call(node, *_RESHAPES):
+        expanded = node.args[0]
+        while _call(expanded, aten.clone.default, aten.contiguous.default):
+            expanded = expanded.args[0]
+        if _call(expanded, aten.expand.default) and _call(expanded.args[0], aten.unsqueeze.default) \
+                and val(expanded.args[0].args[0]).dim() == rank:
+            if expanded.args[0].args[1] % (rank + 1) != head_dim + 1:
+                raise Reject("groups expanded so that head h reads group h % G: not the op's grouping")
+            return expanded.args[0].args[0]
+    return node
+
+
 def _nonneg(node) -> bool:
     """The graph proves every value of ``node`` >= 0."""
     node = _widen(node) if isinstance(node, fx.Node) else node
@@ -271,25 +292,8 @@ class _SSDSite:
         self.chunk, self.padded = l, c * l
         src = _widen(src)
         if heads_from_groups:
-            src = self._groups(src)
+            src = _ungrouped(src, head_dim=2)
         return _widen(src)
-
-    def _groups(self, node: fx.Node) -> fx.Node:
-        """Un-expand groups over heads (dim 2): repeat_interleave or unsqueeze/expand/reshape."""
-        if _call(node, aten.repeat_interleave.self_int) and len(node.args) >= 3 and node.args[2] % 4 == 2:
-            return node.args[0]
-        if _call(node, aten.repeat.default):
-            raise Reject("groups expanded with repeat (head h reads group h % G): the op reads group h // (H/G)")
-        if _call(node, *_RESHAPES):
-            expanded = node.args[0]
-            while _call(expanded, aten.clone.default, aten.contiguous.default):
-                expanded = expanded.args[0]
-            if _call(expanded, aten.expand.default) and _call(expanded.args[0], aten.unsqueeze.default):
-                base = expanded.args[0].args[0]
-                if expanded.args[0].args[1] % 5 == 3 and val(base).dim() == 4:
-                    return base
-                raise Reject("groups expanded so that head h reads group h % G: not the op's grouping")
-        return node
 
     # --- matching ------------------------------------------------------------------------
     def rewrite(self) -> None:
@@ -525,19 +529,9 @@ class _StepSite:
     def _per_group(self, node: fx.Node, b: int, H: int) -> fx.Node:
         """B/C [b, h, n] -> the [b, g, n] tensor they expand (per head: itself)."""
         node = _widen(node)
-        if _call(node, aten.repeat_interleave.self_int) and len(node.args) >= 3 and node.args[2] % 3 == 1:
-            return _widen(node.args[0])
-        if _call(node, aten.repeat.default):
-            raise Reject("groups expanded with repeat (head h reads group h % G): the op reads group h // (H/G)")
-        if _call(node, *_RESHAPES):
-            expanded = node.args[0]
-            while _call(expanded, aten.clone.default, aten.contiguous.default):
-                expanded = expanded.args[0]
-            if _call(expanded, aten.expand.default) and _call(expanded.args[0], aten.unsqueeze.default) \
-                    and val(expanded.args[0].args[0]).dim() == 3:
-                if expanded.args[0].args[1] % 4 != 2:
-                    raise Reject("groups expanded so that head h reads group h % G: not the op's grouping")
-                return _widen(expanded.args[0].args[0])
+        groups = _ungrouped(node, head_dim=1)
+        if groups is not node:
+            return _widen(groups)
         if list(val(node).shape[:2]) != [b, H]:
             raise Reject(f"{node.name}: B/C of shape {list(val(node).shape)}, expected [b, h, n]")
         return node
