@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import torch
 import triton
@@ -223,7 +224,10 @@ def main():
             for backward in (False, True):
                 cells = {}
                 for name, f in fns.items():
+                    started = time.perf_counter()
                     ms = measure(f, inputs, backward) if f is not None else None
+                    print(f"  {case} S={seq} {'fwd+bwd' if backward else 'fwd'} {name}: {fmt_ms(ms)} ms "
+                          f"({time.perf_counter() - started:.0f} s incl. compile)", flush=True)
                     cells[name] = (ms, peak_gib(f, inputs, backward) if ms is not None else None)
                     if f is None:
                         cells[name] = "cannot express" if name == "SDPA" else f"skipped (S > {args.eager_max})"
