@@ -18,11 +18,8 @@ backward, so every column is measured against the same useful work.
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import os
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -30,6 +27,7 @@ import torch
 import triton
 
 import dsgraph
+from _harness import emit, fmt_gib, fmt_ms, markdown_table, parse_bench_args, ratio, run_label  # noqa: F401 (re-exported)
 
 B, HQ, HKV, D, WINDOW = 1, 32, 8, 128, 1024
 H100_BF16_PEAK = 989.0  # TFLOP/s, dense bf16 (SXM datasheet)
@@ -132,49 +130,6 @@ def peak_gib(fn, args, backward: bool):
             if isinstance(a, torch.Tensor):
                 a.grad = None
         torch.cuda.empty_cache()
-
-
-def fmt_gib(g):
-    return "OOM" if g is None else f"{g:.1f}"
-
-
-def markdown_table(title: str, header: str, rows: list[str]) -> list[str]:
-    """A title line and a markdown table under it (the header gives the column count)."""
-    return [title, "", header, "|" + "---|" * (header.count("|") - 1)] + rows
-
-
-def fmt_ms(t):
-    return "OOM" if t is None else f"{t:.2f}"
-
-
-def ratio(a, b):
-    return "-" if a is None or b is None else f"{a / b:.1f}x"
-
-
-def parse_bench_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
-    """Add the arguments every benchmark takes (``--commit``, ``--markdown``), parse, exit without a
-    CUDA GPU, and fill ``args.commit`` from git where it was not given."""
-    parser.add_argument("--commit", default=None, help="the commit measured (where the copy has no .git)")
-    parser.add_argument("--markdown", default=None, help="also write the tables to this file")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit(f"benchmarks/{parser.prog} needs a CUDA GPU")
-    args.commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                                text=True).stdout.strip() or "unknown"
-    return args
-
-
-def run_label(commit: str) -> str:
-    """What a table's numbers depend on: GPU, library versions, date, commit."""
-    return (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-            f"{datetime.date.today()}, commit {commit}")
-
-
-def emit(table: str, markdown: str | None) -> None:
-    print("\n" + table)
-    if markdown:
-        with open(markdown, "w") as f:
-            f.write(table + "\n")
 
 
 def main():

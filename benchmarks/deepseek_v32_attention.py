@@ -152,7 +152,7 @@ def main():
                     continue
 
                 def op(q, kv, backend=backend, idx=idx):
-                    return torch.ops.dsgraph.sparse_attention(q, kv, None, idx, None, D_QK ** -0.5, D_V, 0, backend)[0]
+                    return torch.ops.dsgraph.sparse_attention(q, kv, None, idx, None, None, D_QK ** -0.5, D_V, 0, backend)[0]
                 reason = dsgraph.registry.kernel("sparse_attention", backend).unsupported(
                     q, kv, None, idx, bias=None, scale=D_QK ** -0.5, d_v=D_V, upper=0)
                 if reason is not None:

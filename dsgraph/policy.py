@@ -21,6 +21,12 @@ BACKENDS = ("tilelang", "sdpa", "mamba_ssm", "triton", "flex", "torch")
 # in one pass (256 MiB moved instead of 512 MiB).
 DEFAULT_OP_ORDERS: Mapping[str, tuple[str, ...]] = {
     "ssd_step": ("tilelang", "sdpa", "triton", "mamba_ssm", "flex", "torch"),
+    # SDPA (FlashAttention-2 / cuDNN) beat our kernels on every site it can express (H100, causal 8k
+    # bf16: 0.90 ms fwd vs TileLang 1.11 ms; RESULTS.md); TileLang leads where SDPA cannot (sinks, bands).
+    "attention": ("sdpa", "tilelang", "triton", "mamba_ssm", "flex", "torch"),
+    # Triton's pool kernels beat TileLang's in every measured case (H100, S = 16k fp32: ratio 4 fwd/bwd
+    # 58.5 / 118 us vs 60.8 / 172 us; ratio 128 34.7 / 114 us vs 81.7 / 316 us).
+    "window_pool": ("triton", "tilelang", "sdpa", "mamba_ssm", "flex", "torch"),
 }
 PRESETS = ("auto", "autotune", "reference", "triton", "tilelang")
 # How a policy uses measured choices (dsgraph/autotune.py): "off", "cached" (use a cached choice when
@@ -36,7 +42,7 @@ class Policy:
 
     - ``order``: default preference for every op, e.g. ``("tilelang", "triton", "sdpa", "torch")``.
       The default, ``BACKENDS``, stands for each op's default order: ``DEFAULT_OP_ORDERS`` where the
-      op has an entry (ssd_step: triton before mamba_ssm), else ``BACKENDS``; any other order applies
+      op has an entry (ssd_step: triton before mamba_ssm; attention: sdpa first), else ``BACKENDS``; any other order applies
       as given to every op.
     - ``ops``: per-op overrides the user named, e.g. ``{"attention": ("triton", "torch")}`` (forced).
     - ``forced``: the user named these backends (preset "triton"/"tilelang"/"reference" or an explicit

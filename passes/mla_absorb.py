@@ -100,7 +100,7 @@ def _rope_key(node: fx.Node, heads: int) -> Optional[fx.Node]:
 
 def _absorb(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
     graph = gm.graph
-    q, k, v, index, bias, scale, d_v, upper, _backend = node.args
+    q, k, v, index, bias, sink, scale, d_v, upper, _backend = node.args
     batch, seq, heads, d_qk = val(q).shape
     if val(k).shape[2] != heads:
         raise Reject("the keys are not per head")
@@ -147,7 +147,7 @@ def _absorb(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
         backend, rejected = ctx.choose("sparse_attention", old, **args)
         if backend is None:
             return
-        fused = call(graph, dsgraph_ops.sparse_attention.default, q2, kv, None, index, bias, scale, d_lat, upper,
+        fused = call(graph, dsgraph_ops.sparse_attention.default, q2, kv, None, index, bias, sink, scale, d_lat, upper,
                      backend, like=old)
         out = call(graph, operator.getitem, fused, 0, like=old)
         out = call(graph, aten.einsum.default, "bshc,hdc->bshd", [out, w_uv], like=old)

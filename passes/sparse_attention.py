@@ -230,7 +230,7 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
         backend, rejected = ctx.choose("sparse_attention", old, **args)
         if backend is None:
             return
-        fused = call(graph, dsgraph_ops.sparse_attention.default, q, k, v, index, gathered, scale, d_v, upper, backend,
+        fused = call(graph, dsgraph_ops.sparse_attention.default, q, k, v, index, gathered, None, scale, d_v, upper, backend,
                      like=old)
         out = call(graph, operator.getitem, fused, 0, like=old)
         out = call(graph, aten.permute.default, out, [0, 2, 1, 3], like=old)

@@ -19,7 +19,9 @@ from safetensors.torch import save_file  # noqa: E402
 
 settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("thorough", max_examples=10_000, deadline=None,
+# Shards: N processes with THOROUGH_EXAMPLES=10000/N and distinct --hypothesis-seed values cover the
+# 10,000 examples in parallel (each shard explores from its own seed).
+settings.register_profile("thorough", max_examples=int(os.environ.get("THOROUGH_EXAMPLES", 10_000)), deadline=None,
                           suppress_health_check=list(HealthCheck))
 settings.register_profile("dev", max_examples=40, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

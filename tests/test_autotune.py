@@ -12,7 +12,7 @@ import torch
 
 import dsgraph
 from dsgraph import autotune
-from dsgraph.policy import BACKENDS, Policy
+from dsgraph.policy import Policy
 from dsgraph.registry import choose
 from dsgraph.testing import rewrite
 
@@ -64,7 +64,8 @@ def test_miss_measures_every_candidate_and_caches_the_fastest(cache_dir):
     assert all(grad for *_, grad in timer.calls)  # a site that needs gradients is timed fwd+bwd
     assert choice.backend == "triton" and choice.timings == TIMES and choice.tuning_note == "measured"
     assert choice.rejected["sdpa"] == "slower (3 ms)"
-    assert list(choice.rejected) == list(BACKENDS[:BACKENDS.index("triton")])  # those before the winner
+    order = Policy.preset("auto").backends_for("attention")
+    assert list(choice.rejected) == list(order[:order.index("triton")])  # those before the winner
     (entry,) = _entries(cache_dir).values()
     assert entry["backend"] == "triton" and entry["timings"] == TIMES
     assert not list(cache_dir.glob("*.tmp"))  # the atomic write left no temporary file

@@ -43,7 +43,8 @@ def test_pipeline_cycle_is_a_clear_error():
 
 
 def test_policy_presets_env_and_errors(monkeypatch):
-    assert Policy.preset("auto").backends_for("attention") == ("tilelang", "sdpa", "mamba_ssm", "triton", "flex", "torch")
+    assert Policy.preset("auto").backends_for("attention") == ("sdpa", "tilelang", "triton", "mamba_ssm", "flex", "torch")
+    assert Policy.preset("auto").backends_for("hadamard") == ("tilelang", "sdpa", "mamba_ssm", "triton", "flex", "torch")
     forced = Policy.parse("triton;strict;attention=triton,torch;residual=eager")
     assert forced.strict and forced.residual == "eager" and forced.backends_for("attention") == ("triton", "torch")
     with pytest.raises(ValueError, match="accepted presets: auto, autotune, reference, triton, tilelang"):

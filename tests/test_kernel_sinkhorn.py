@@ -77,10 +77,12 @@ def test_triton_with_sixteen_streams_and_a_partial_block():
     x, grad = torch.randn(3, 16, 16, generator=gen).to(DEVICE), torch.randn(3, 16, 16, generator=gen).to(DEVICE)
     torch.testing.assert_close(sinkhorn_triton(x, 4, 1e-6), sinkhorn_ref(x, 4, 1e-6))
     torch.testing.assert_close(sinkhorn_triton_backward(x, grad, 4, 1e-6), sinkhorn_ref_backward(x, grad, 4, 1e-6))
-    # 17 matrices of 4x4: two blocks of 16, the second almost empty
+    # 17 matrices of 4x4 in blocks of 16 (the second almost empty), one or two segments of iterations
     x, grad = torch.randn(17, 4, 4, generator=gen).to(DEVICE), torch.randn(17, 4, 4, generator=gen).to(DEVICE)
-    torch.testing.assert_close(sinkhorn_triton_backward(x, grad, 3, 1e-6, True),
-                               sinkhorn_ref_backward(x, grad, 3, 1e-6, True))
+    torch.testing.assert_close(sinkhorn_triton(x, 3, 1e-6, True, block=16), sinkhorn_ref(x, 3, 1e-6, True))
+    for segment in (1, 2, 7):
+        torch.testing.assert_close(sinkhorn_triton_backward(x, grad, 6, 1e-6, True, block=16, segment=segment),
+                                   sinkhorn_ref_backward(x, grad, 6, 1e-6, True))
 
 
 def test_the_reference_backward_chunks_matrices(monkeypatch):
@@ -170,20 +172,28 @@ _COMPILE = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from dsgraph.kernels import sinkhorn_triton as k
-    for m in (4, 16):
-        r, warps = k._layout(m)
+    for m in (2, 4, 16):
+        block, warps, per_thread = k._config(m, None, None)
         for row_first in (False, True):
             for fn, sig in ((k._fwd, dict(X="*bf16", OUT="*fp32", n="i32", iters="i32", eps="fp32")),
-                            (k._bwd, dict(X="*fp32", G="*fp32", DX="*fp32", SCRATCH="*fp32", n="i32",
-                                          n_blocks="i32", iters="i32", eps="fp32"))):
-                sig.update(M="constexpr", R="constexpr", ROW_FIRST="constexpr")
-                src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=dict(M=m, R=r, ROW_FIRST=row_first))
-                assert triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps)).asm["cubin"]
+                            (k._bwd, dict(X="*fp32", G="*fp32", DX="*fp32", n="i32", iters="i32", eps="fp32",
+                                          SEG="i32"))):
+                sig.update(M="constexpr", BLOCK="constexpr", PER_THREAD="constexpr", ROW_FIRST="constexpr")
+                src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=dict(
+                    M=m, BLOCK=block, PER_THREAD=per_thread, ROW_FIRST=row_first))
+                compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+                assert compiled.asm["cubin"]
+                ptx = compiled.asm["ptx"]
+                if per_thread:  # sums are in-thread adds: no shuffles, and one barrier (the store's relayout)
+                    assert "shfl" not in ptx and ptx.count("bar.sync") <= 1, (fn.__name__, m)
+                    # one reciprocal per row or column sum (a division per element would be 16 a step)
+                    assert ptx.count("div.full.f32") <= (20 if fn is k._fwd else 52), ptx.count("div.full.f32")
 """)
 
 
 def test_triton_kernels_compile_for_sm90():
-    """The interpreter runs kernels as Python: this compiles them (PTX and cubin) as a GPU would."""
+    """The interpreter runs kernels as Python: this compiles them (PTX and cubin) as a GPU would, and
+    checks that a thread owns whole matrices where M <= 4."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]

@@ -1,29 +1,37 @@
 """TileLang sparse MLA kernels (dsgraph/kernels/sparse_attention_tilelang.py).
 
 On CPU: the forward, backward and delta kernels are built for sm_90a (TileLang lowering + nvcc, no
-GPU needed) and the Hopper paths are checked in the CUDA source. On an H100 (``-m gpu``): forward
-and backward against the torch reference ``dsgraph.kernels.sparse_attention_ref`` computed in fp32,
-at DeepSeek V3.2 sizes and at awkward shapes.
+GPU needed) for both head-dim layouts (576/512: V3.2, 512/512: V4) and the Hopper paths are checked
+in the CUDA source. On an H100 (``-m gpu``): forward and backward against the torch reference
+``dsgraph.kernels.sparse_attention_ref`` computed in fp32, at DeepSeek V3.2 sizes and at awkward
+shapes, with and without an attention sink and a causal bound.
 """
 import shutil
 
 import pytest
 import torch
 
-from dsgraph.kernels.sparse_attention_ref import sparse_attention_ref, sparse_attention_ref_backward
+from dsgraph.kernels.sparse_attention_ref import sparse_attention_ref, sparse_attention_ref_backward, valid_indices
 
 tilelang = pytest.importorskip("tilelang", reason="tilelang not installed")
-from dsgraph.kernels.sparse_attention_tilelang import (compile_for_sm90a, sparse_mla_bwd_tilelang,  # noqa: E402
-                                                       sparse_mla_fwd_tilelang, tilelang_unsupported_reason)
+from dsgraph.kernels.sparse_attention_tilelang import (DIMS, compile_for_sm90a,  # noqa: E402
+                                                       sparse_mla_bwd_tilelang, sparse_mla_fwd_tilelang,
+                                                       tilelang_unsupported_reason)
 
 D_QK, D_V = 576, 512
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
-def test_kernels_compile_for_sm90a():
-    built = compile_for_sm90a()
+@pytest.mark.parametrize("d_qk,d_v", DIMS)
+def test_kernels_compile_for_sm90a(d_qk, d_v):
+    built = compile_for_sm90a(d_qk, d_v)
     assert set(built) == {"fwd", "bwd", "delta"}
     fwd = built["fwd"].get_kernel_source()
+    # The sink is folded into the epilogue (one load per head, log2 of the two-term normaliser), and
+    # the causal bound is a runtime argument.
+    assert "Sink[" in fwd and "log2f((exp2f(" in fwd and "int upper" in fwd
+    # q is staged as two 256-wide halves, plus the 64-wide rope tail only where d_qk has one.
+    assert ("q_t = " in fwd) == (d_qk > d_v)
     assert "wgmma" in fwd  # Hopper tensor cores, not an mma.sync fallback
     assert "warpgroup_reg_alloc" in fwd and "warpgroup_reg_dealloc" in fwd  # warp-specialised (setmaxnreg)
     # The producer gathers with zero-filling cp.async and waits for its own copies before its release
@@ -32,7 +40,8 @@ def test_kernels_compile_for_sm90a():
     assert fwd.count(".arrive()") >= 6 and ".wait(" in fwd
     assert fwd.count("(Out + ") == 2  # each consumer warpgroup stores its half of O
     bwd = built["bwd"].get_kernel_source()
-    assert "wgmma" in bwd and "AtomicAddx4" in bwd
+    assert "wgmma" in bwd and "AtomicAddx4" in bwd and "int upper" in bwd
+    assert ("q_t = " in bwd) == (d_qk > d_v)
 
 
 def test_unsupported_reasons_on_cpu():
@@ -68,10 +77,10 @@ def _causal_topk(gen, batch, seq, keys, topk):
     return idx
 
 
-def _inputs(batch, seq, keys, heads, topk, seed=0, junk=False):
+def _inputs(batch, seq, keys, heads, topk, seed=0, junk=False, d_qk=D_QK):
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(batch, seq, heads, D_QK, device="cuda", generator=gen).bfloat16()
-    kv = torch.randn(batch, keys, 1, D_QK, device="cuda", generator=gen).bfloat16()
+    q = torch.randn(batch, seq, heads, d_qk, device="cuda", generator=gen).bfloat16()
+    kv = torch.randn(batch, keys, 1, d_qk, device="cuda", generator=gen).bfloat16()
     dout = torch.randn(batch, seq, heads, D_V, device="cuda", generator=gen).bfloat16()
     idx = _causal_topk(gen, batch, seq, keys, topk)
     if junk:  # -1, >= T and causally invalid entries scattered among the valid ones
@@ -84,10 +93,10 @@ def _inputs(batch, seq, keys, heads, topk, seed=0, junk=False):
     return q, kv, idx[:, :, None].contiguous(), dout
 
 
-def _ref(q, kv, idx, dout, scale):
+def _ref(q, kv, idx, dout, scale, upper, sink):
     """fp32 oracle on the bf16 values (the kernels accumulate in fp32 from bf16 operands)."""
     qf, kf = q.float(), kv.float()
-    kw = dict(scale=scale, d_v=D_V, upper=kv.shape[1] - q.shape[1])
+    kw = dict(scale=scale, d_v=D_V, upper=upper, sink=sink)
     out, lse = sparse_attention_ref(qf, kf, None, idx[:, :, 0], **kw)
     dq, dkv, _ = sparse_attention_ref_backward(qf, kf, None, out, lse, dout.float(), idx[:, :, 0], **kw)
     return out, lse, dq, dkv
@@ -102,21 +111,26 @@ def _close(actual, expected, tol, name):
     assert err <= tol * ref, f"{name}: max error {err:.3g} > {tol} x max |ref| {ref:.3g}"
 
 
-def _check(q, kv, idx, dout):
-    scale = D_QK ** -0.5
-    out, lse = sparse_mla_fwd_tilelang(q, kv, idx, scale=scale, d_v=D_V)
-    ref_out, ref_lse, ref_dq, ref_dkv = _ref(q, kv, idx, dout, scale)
+def _check(q, kv, idx, dout, upper="causal", sink=None):
+    scale = q.shape[-1] ** -0.5
+    out, lse = sparse_mla_fwd_tilelang(q, kv, idx, scale=scale, d_v=D_V, upper=upper, sink=sink)
+    ref_upper = kv.shape[1] - q.shape[1] if upper == "causal" else upper
+    ref_out, ref_lse, ref_dq, ref_dkv = _ref(q, kv, idx, dout, scale, ref_upper, sink)
     assert out.shape == (*q.shape[:3], D_V) and out.dtype == torch.bfloat16
     assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
     assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)), "rows without valid keys differ"
     finite = ref_lse.isfinite()
     torch.testing.assert_close(lse[finite], ref_lse[finite], rtol=1e-5, atol=1e-3)  # fp32 sums of fp32 scores
-    assert (out[~finite] == 0).all()
+    # rows without valid keys: out = 0, lse = sink (-inf without one) and no gradient
+    empty = ~valid_indices(idx[:, :, 0], kv.shape[1], ref_upper).any(-1)[..., None].expand_as(lse)
+    assert (out[empty] == 0).all()
+    if sink is not None:  # lse = sink, up to the kernel's log2 round trip
+        torch.testing.assert_close(lse[empty], sink.float().expand_as(lse)[empty])
     _close(out, ref_out, 1e-2, "out")
-    dq, dkv = sparse_mla_bwd_tilelang(q, kv, out, dout, idx, lse, scale=scale, d_v=D_V)
+    dq, dkv = sparse_mla_bwd_tilelang(q, kv, out, dout, idx, lse, scale=scale, d_v=D_V, upper=upper)
     assert dq.shape == q.shape and dq.dtype == torch.bfloat16
     assert dkv.shape == kv.shape and dkv.dtype == torch.float32
-    assert (dq[~finite] == 0).all()
+    assert (dq[empty] == 0).all()
     _close(dq, ref_dq, 2e-2, "dq")
     _close(dkv, ref_dkv, 2e-2, "dkv")
 
@@ -137,6 +151,20 @@ def test_deepseek_v32_size():
 def test_awkward_shapes(batch, seq, keys, heads, topk, junk):
     _gpu_only()
     _check(*_inputs(batch, seq, keys, heads, topk, seed=batch + heads, junk=junk))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d_qk", [D_QK, D_V])
+@pytest.mark.parametrize("upper", ["causal", None, 3])
+def test_sink(d_qk, upper):
+    """Per-head sinks (+-30 among them: all / none of the mass), rows without keys (lse = sink),
+    both head-dim layouts, the causal band, no bound and a custom one; H = 100 pads a head block."""
+    _gpu_only()
+    q, kv, idx, dout = _inputs(2, 200, 333, 100, 300, seed=d_qk, junk=True, d_qk=d_qk)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    sink = torch.randn(100, device="cuda", generator=gen) * 3
+    sink[:4] = torch.tensor([30.0, -30.0, 30.0, -30.0])
+    _check(q, kv, idx, dout, upper=upper, sink=sink.bfloat16() if upper is None else sink)
 
 
 @pytest.mark.gpu

@@ -1,21 +1,24 @@
 """Triton kernels for ``dsgraph::sinkhorn``, forward and backward (semantics: ``sinkhorn_ref``).
 
-A program owns a block of R matrices as one [R, M, M] fp32 register tile (M a power of two <= 16,
-R·M² = ``TILE`` elements) and runs the softmax and every normalisation on it: one read of the
-logits and one write of the result, whatever ``iters`` (eager launches 6 kernels per iteration).
+A program owns ``BLOCK`` matrices as one [BLOCK, M, M] fp32 register tile (M a power of two <= 16)
+and runs the softmax and every normalisation on it: one read of the logits and one write of the
+result, whatever ``iters``. For M <= 4 (``PER_THREAD``) a thread owns whole matrices: its rows are
+loaded as M-wide vectors and joined in registers, so every row and column sum is an in-thread add
+and the iteration loop has no shuffles and no shared memory. Larger matrices (64 or 256 floats)
+spread across threads, whose sums then cross them. A normalisation takes one reciprocal per row or
+column and multiplies (the special-function unit, not memory, bounds these kernels at M = 4).
 
-Backward: step k of the loop, y = c / d with d = sum(c, axis) + eps, maps the incoming gradient g to
-(g - sum(g·y, axis)) / d, so it needs its input c. The program first recomputes the forward from the
-logits, writing each iteration's input to a scratch slot (iters slots of [R, M, M] per program; the
-column step's input is recomputed from it, one row normalisation), then walks the steps in reverse
-reading them back, and ends with the softmax's backward p·(g - sum(g·p, -1)). The grid is persistent
-(at most 4 programs per SM loop over the blocks), so the scratch is at most 4·SMs × iters × TILE × 4
-bytes (11 MB at iters = 20 on an H100; at most ``MAX_SCRATCH``) whatever the number of matrices: it
-stays in L2, and nothing is kept from the forward but the logits. The iterates are recomputed by the
-forward kernel's operations, so the backward differentiates what the forward returned.
+Backward: step k of the loop, y = c·r with r = 1 / (sum(c, axis) + eps), maps the incoming gradient
+g to (g - sum(g·y, axis))·r, so it needs its input c. Nothing is kept from the forward but the
+logits, and nothing is written to memory: the iterates are recomputed in registers. The iterations
+are walked in reverse in segments of ``SEG`` (about sqrt(iters)): a segment's first input is
+recomputed from the softmax, and each step's input from the segment's first (about iters²/(2·SEG) +
+iters·SEG/2 recomputed iterations, against iters for a forward). The recomputation runs the forward
+kernel's operations, so the backward differentiates what the forward returned.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -28,8 +31,6 @@ from .common import triton_device_reason
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_M = 16
-TILE = 256  # elements of one program's [R, M, M] tile (R = TILE // M²: 1 at M = 16)
-MAX_SCRATCH = 1 << 25  # bytes of backward scratch (fewer programs for very many iterations)
 
 
 def triton_unsupported_reason(logits: torch.Tensor, iters: int, eps: float, row_first: bool = False) -> Optional[str]:
@@ -47,83 +48,114 @@ def triton_unsupported_reason(logits: torch.Tensor, iters: int, eps: float, row_
 @triton.jit
 def _normalise(c, eps, AXIS: tl.constexpr):
     """c / (sum(c, AXIS) + eps): AXIS 1 normalises columns, 2 rows."""
-    return c / (tl.expand_dims(tl.sum(c, AXIS), AXIS) + eps)
+    return c * tl.expand_dims(1.0 / (tl.sum(c, AXIS) + eps), AXIS)
 
 
 @triton.jit
 def _normalise_backward(c, g, eps, AXIS: tl.constexpr):
     """The gradient of c given g, the gradient of _normalise(c)."""
-    d = tl.expand_dims(tl.sum(c, AXIS), AXIS) + eps
-    return (g - tl.expand_dims(tl.sum(g * (c / d), AXIS), AXIS)) / d
+    r = tl.expand_dims(1.0 / (tl.sum(c, AXIS) + eps), AXIS)
+    return (g - tl.expand_dims(tl.sum(g * (c * r), AXIS), AXIS)) * r
 
 
 @triton.jit
 def _softmax(x):
     e = tl.exp(x - tl.expand_dims(tl.max(x, 2), 2))
-    return e / tl.expand_dims(tl.sum(e, 2), 2)
+    return e * tl.expand_dims(1.0 / tl.sum(e, 2), 2)
 
 
 @triton.jit
-def _tile(block, n, M: tl.constexpr, R: tl.constexpr):
-    """Offsets of a block's [R, M, M] tile (int64) and its mask (matrices past n)."""
-    r = block * R + tl.arange(0, R)
-    i = tl.arange(0, M)
-    offsets = r.to(tl.int64)[:, None, None] * (M * M) + (i[None, :, None] * M + i[None, None, :])
-    return offsets, (r < n)[:, None, None]
+def _iterate(c, eps, steps):
+    """``steps`` (row, column) iterations."""
+    for _ in range(steps):
+        c = _normalise(_normalise(c, eps, 2), eps, 1)
+    return c
 
 
 @triton.jit
-def _fwd(X, OUT, n, iters, eps, M: tl.constexpr, R: tl.constexpr, ROW_FIRST: tl.constexpr):
-    offsets, mask = _tile(tl.program_id(0), n, M, R)
-    c = _softmax(tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)) + eps
+def _element(rows, mask, i: tl.constexpr, j: tl.constexpr, M: tl.constexpr):
+    return tl.load(rows + (i * M + j), mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _quad(rows, mask, i: tl.constexpr, j: tl.constexpr, M: tl.constexpr):
+    """The [BLOCK, 2, 2] block of elements (i, j) to (i + 1, j + 1), each matrix's in one thread."""
+    return tl.join(tl.join(_element(rows, mask, i, j, M), _element(rows, mask, i + 1, j, M)),
+                   tl.join(_element(rows, mask, i, j + 1, M), _element(rows, mask, i + 1, j + 1, M)))
+
+
+@triton.jit
+def _load(PTR, block, n, M: tl.constexpr, BLOCK: tl.constexpr, PER_THREAD: tl.constexpr):
+    """A block's [BLOCK, M, M] tile as fp32 (zeros past n), with the offsets and mask to store it."""
+    r = block * BLOCK + tl.arange(0, BLOCK)
+    j = tl.arange(0, M)
+    mask = (r < n)[:, None, None]
+    offsets = r.to(tl.int64)[:, None, None] * (M * M) + (j[None, :, None] * M + j[None, None, :])
+    if PER_THREAD:
+        # Elements loaded one [BLOCK] vector each and joined: joins add in-thread dimensions, so the
+        # tile's layout keeps a matrix in one thread (a 2-D load would spread its rows over lanes).
+        rows = PTR + r.to(tl.int64) * (M * M)
+        if M == 2:
+            tile = _quad(rows, r < n, 0, 0, M)
+        else:  # M == 4: [BLOCK, i % 2, j % 2, i // 2, j // 2] -> [BLOCK, i, j]
+            tile = tl.join(tl.join(_quad(rows, r < n, 0, 0, M), _quad(rows, r < n, 2, 0, M)),
+                           tl.join(_quad(rows, r < n, 0, 2, M), _quad(rows, r < n, 2, 2, M)))
+            tile = tl.reshape(tl.permute(tile, (0, 3, 1, 4, 2)), (BLOCK, M, M))
+    else:
+        tile = tl.load(PTR + offsets, mask=mask, other=0.0).to(tl.float32)
+    return tile, offsets, mask
+
+
+@triton.jit
+def _fwd(X, OUT, n, iters, eps, M: tl.constexpr, BLOCK: tl.constexpr, PER_THREAD: tl.constexpr,
+         ROW_FIRST: tl.constexpr):
+    x, offsets, mask = _load(X, tl.program_id(0), n, M, BLOCK, PER_THREAD)
+    c = _softmax(x) + eps
     if ROW_FIRST:
         c = _normalise(c, eps, 2)
-    c = _normalise(c, eps, 1)
-    for _ in range(iters - 1):
-        c = _normalise(c, eps, 2)
-        c = _normalise(c, eps, 1)
+    c = _iterate(_normalise(c, eps, 1), eps, iters - 1)
     tl.store(OUT + offsets, c, mask=mask)
 
 
 @triton.jit
-def _bwd(X, G, DX, SCRATCH, n, n_blocks, iters, eps, M: tl.constexpr, R: tl.constexpr, ROW_FIRST: tl.constexpr):
-    # Slot t holds iteration t's input; the input of its column step (the row step's output) is
-    # recomputed from it, which halves the scratch.
-    TILE_: tl.constexpr = R * M * M
-    local = tl.arange(0, R)[:, None, None] * (M * M) + (tl.arange(0, M)[None, :, None] * M
-                                                         + tl.arange(0, M)[None, None, :])
-    slots = SCRATCH + tl.program_id(0).to(tl.int64) * iters * TILE_ + local
-    for block in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
-        offsets, mask = _tile(block, n, M, R)
-        p = _softmax(tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32))
-        c = p + eps
-        tl.debug_barrier()  # the previous block's reads of the scratch are done
-        tl.store(slots, c)
-        if ROW_FIRST:
-            c = _normalise(c, eps, 2)
-        c = _normalise(c, eps, 1)
-        for t in range(1, iters):
-            tl.store(slots + t * TILE_, c)
-            c = _normalise(_normalise(c, eps, 2), eps, 1)
-        tl.debug_barrier()  # the scratch is written before any thread reads it back
-        g = tl.load(G + offsets, mask=mask, other=0.0).to(tl.float32)
-        for i in range(0, iters - 1):
-            a = tl.load(slots + (iters - 1 - i) * TILE_)
-            g = _normalise_backward(_normalise(a, eps, 2), g, eps, 1)
-            g = _normalise_backward(a, g, eps, 2)
-        a = tl.load(slots)
-        if ROW_FIRST:
-            g = _normalise_backward(_normalise(a, eps, 2), g, eps, 1)
-            g = _normalise_backward(a, g, eps, 2)
-        else:
-            g = _normalise_backward(a, g, eps, 1)
-        dx = p * (g - tl.expand_dims(tl.sum(g * p, 2), 2))
-        tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
+def _bwd(X, G, DX, n, iters, eps, SEG, M: tl.constexpr, BLOCK: tl.constexpr, PER_THREAD: tl.constexpr,
+         ROW_FIRST: tl.constexpr):
+    # Iteration t maps its input a_t to a_{t+1} = col(row(a_t)); a_0 = softmax + eps, and without
+    # ROW_FIRST iteration 0 is the column step alone. a_1 is the first input of the uniform loop.
+    x, offsets, mask = _load(X, tl.program_id(0), n, M, BLOCK, PER_THREAD)
+    g = _load(G, tl.program_id(0), n, M, BLOCK, PER_THREAD)[0]
+    p = _softmax(x)
+    a0 = p + eps
+    if ROW_FIRST:
+        a1 = _normalise(_normalise(a0, eps, 2), eps, 1)
+    else:
+        a1 = _normalise(a0, eps, 1)
+    for k in range(0, tl.cdiv(iters - 1, SEG)):  # segments [start, end) of iterations 1..iters-1, last first
+        start = 1 + (tl.cdiv(iters - 1, SEG) - 1 - k) * SEG
+        first = _iterate(a1, eps, start - 1)
+        for i in range(0, tl.minimum(SEG, iters - start)):
+            a = _iterate(first, eps, tl.minimum(SEG, iters - start) - 1 - i)
+            g = _normalise_backward(a, _normalise_backward(_normalise(a, eps, 2), g, eps, 1), eps, 2)
+    if ROW_FIRST:
+        g = _normalise_backward(a0, _normalise_backward(_normalise(a0, eps, 2), g, eps, 1), eps, 2)
+    else:
+        g = _normalise_backward(a0, g, eps, 1)
+    dx = p * (g - tl.expand_dims(tl.sum(g * p, 2), 2))
+    tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
 
 
-def _layout(m: int) -> tuple[int, int]:
-    """(matrices per program, num_warps)."""
-    return TILE // (m * m), 2
+def _config(m: int, block: Optional[int], num_warps: Optional[int]) -> tuple[int, int, bool]:
+    """(matrices per program, num_warps, whether a thread owns whole matrices)."""
+    per_thread = m in (2, 4)
+    if per_thread:  # one matrix per thread by default
+        warps = num_warps or 4
+        block = block or 32 * warps
+    else:  # a 256-element tile
+        warps = num_warps or 2
+        block = block or max(1, 256 // (m * m))
+    if block & (block - 1):
+        raise ValueError(f"sinkhorn_triton: block must be a power of two, got {block}")
+    return block, warps, per_thread
 
 
 def _check(logits, iters, eps, row_first):
@@ -132,34 +164,33 @@ def _check(logits, iters, eps, row_first):
         raise ValueError(f"sinkhorn_triton: {reason}")
 
 
-def sinkhorn_triton(logits: torch.Tensor, iters: int, eps: float, row_first: bool = False) -> torch.Tensor:
+def sinkhorn_triton(logits: torch.Tensor, iters: int, eps: float, row_first: bool = False, *,
+                    block: Optional[int] = None, num_warps: Optional[int] = None) -> torch.Tensor:
+    """``block`` (matrices per program) and ``num_warps`` override the defaults (benchmarks/sinkhorn_sweep.py)."""
     _check(logits, iters, eps, row_first)
     m = logits.shape[-1]
     mats = logits.reshape(-1, m, m).contiguous()
     out = torch.empty(mats.shape, dtype=torch.float32, device=logits.device)
     n = mats.shape[0]
     if n:
-        r, warps = _layout(m)
-        _fwd[(triton.cdiv(n, r),)](mats, out, n, iters, float(eps), M=m, R=r, ROW_FIRST=row_first, num_warps=warps)
+        block, warps, per_thread = _config(m, block, num_warps)
+        _fwd[(triton.cdiv(n, block),)](mats, out, n, iters, float(eps), M=m, BLOCK=block, PER_THREAD=per_thread,
+                                       ROW_FIRST=row_first, num_warps=warps)
     return out.view(logits.shape)
 
 
 def sinkhorn_triton_backward(logits: torch.Tensor, grad: torch.Tensor, iters: int, eps: float,
-                             row_first: bool = False) -> torch.Tensor:
+                             row_first: bool = False, *, block: Optional[int] = None,
+                             num_warps: Optional[int] = None, segment: Optional[int] = None) -> torch.Tensor:
+    """``segment``: iterations recomputed from one recomputed input (default about sqrt(iters))."""
     _check(logits, iters, eps, row_first)
     m = logits.shape[-1]
     mats, grads = logits.reshape(-1, m, m).contiguous(), grad.reshape(-1, m, m).contiguous()
     dx = torch.empty(mats.shape, dtype=logits.dtype, device=logits.device)
     n = mats.shape[0]
     if n:
-        r, warps = _layout(m)
-        n_blocks = triton.cdiv(n, r)
-        if _INTERPRET or logits.device.type != "cuda":
-            programs = min(n_blocks, 4)
-        else:  # persistent: the scratch of 4 programs per SM stays in L2
-            sms = torch.cuda.get_device_properties(logits.device).multi_processor_count
-            programs = max(1, min(n_blocks, 4 * sms, MAX_SCRATCH // (iters * r * m * m * 4)))
-        scratch = torch.empty((programs, iters, r * m * m), dtype=torch.float32, device=logits.device)
-        _bwd[(programs,)](mats, grads, dx, scratch, n, n_blocks, iters, float(eps), M=m, R=r, ROW_FIRST=row_first,
-                          num_warps=warps)
+        block, warps, per_thread = _config(m, block, num_warps)
+        seg = segment or max(1, math.isqrt(max(iters - 1, 1)))
+        _bwd[(triton.cdiv(n, block),)](mats, grads, dx, n, iters, float(eps), seg, M=m, BLOCK=block,
+                                       PER_THREAD=per_thread, ROW_FIRST=row_first, num_warps=warps)
     return dx.view(logits.shape)

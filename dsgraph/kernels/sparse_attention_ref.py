@@ -6,9 +6,10 @@ kv head ``h // (H // Hkv)``, ``indices [B, S, K]`` (int32/int64) name the keys e
 Entry j of row s is valid iff ``0 <= j < T`` and, with ``upper``, ``j - s <= upper`` (the causal band
 ``upper = T - S``); invalid entries are skipped. Indices are taken as distinct (a repeated index
 counts twice, as in every gather-based kernel). Scores ``scale * q . k + bias`` in fp32 (``bias [B, S, K]``
-optional, per entry, shared by the heads; -inf skips the entry); returns
-``out [B, S, H, Dv]`` (q.dtype) and ``lse [B, S, H]`` (fp32, natural log of the scaled scores). A row
-with no valid entry gets out = 0 and lse = -inf, and no gradient.
+optional, per entry, shared by the heads; -inf skips the entry); ``sink [H]`` optional: one more
+softmax column per row with logit ``sink[h]`` (fp32) that adds no value. Returns ``out [B, S, H, Dv]``
+(q.dtype) and ``lse [B, S, H]`` (fp32, natural log-sum-exp of the scaled scores and the sink). A row
+with no valid entry gets out = 0 and lse = sink (-inf without one), and no gradient.
 
 Memory: O(rows x K x Hkv x D) per chunk of query rows (the gathered keys), never [S, T].
 """
@@ -25,7 +26,7 @@ _CHUNK_ELEMENTS = 1 << 26
 
 
 def check_sparse_attention_args(q: Tensor, k: Tensor, v: Optional[Tensor], indices: Tensor, d_v: int,
-                                bias: Optional[Tensor] = None) -> None:
+                                bias: Optional[Tensor] = None, sink: Optional[Tensor] = None) -> None:
     """Raise ValueError naming the argument and the accepted form for malformed inputs."""
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"sparse_attention: q [B, S, H, D] and k [B, T, Hkv, D] must be 4-d; got q "
@@ -51,6 +52,9 @@ def check_sparse_attention_args(q: Tensor, k: Tensor, v: Optional[Tensor], indic
     if bias is not None and (bias.dtype != torch.float32 or bias.shape != indices.shape):
         raise ValueError(f"sparse_attention: bias must be float32 of the indices' shape {tuple(indices.shape)}; "
                          f"got {bias.dtype} {tuple(bias.shape)}")
+    if sink is not None and (not sink.dtype.is_floating_point or tuple(sink.shape) != (heads,)):
+        raise ValueError(f"sparse_attention: sink must be a floating-point tensor [H={heads}] (one logit per "
+                         f"query head); got {sink.dtype} {tuple(sink.shape)}")
 
 
 def valid_indices(indices: Tensor, keys: int, upper: Optional[int], first_row: int = 0) -> Tensor:
@@ -90,10 +94,11 @@ def _chunk(q, k, v, indices, bias, rows, *, scale, d_v, upper):
 
 
 def sparse_attention_ref(q: Tensor, k: Tensor, v: Optional[Tensor], indices: Tensor, *, scale: float, d_v: int,
-                         upper: Optional[int] = None, bias: Optional[Tensor] = None,
+                         upper: Optional[int] = None, bias: Optional[Tensor] = None, sink: Optional[Tensor] = None,
                          block_q: Optional[int] = None) -> tuple[Tensor, Tensor]:
-    check_sparse_attention_args(q, k, v, indices, d_v, bias)
+    check_sparse_attention_args(q, k, v, indices, d_v, bias, sink)
     batch, seq, heads, _ = q.shape
+    hkv = k.shape[2]
     out = q.new_empty(batch, seq, heads, d_v)
     lse = torch.empty(batch, seq, heads, dtype=torch.float32, device=q.device)
     step = block_q or _rows_per_chunk(k, indices)
@@ -101,6 +106,8 @@ def sparse_attention_ref(q: Tensor, k: Tensor, v: Optional[Tensor], indices: Ten
         rows = slice(start, min(seq, start + step))
         _, _, vg, s, _, _ = _chunk(q, k, v, indices, bias, rows, scale=scale, d_v=d_v, upper=upper)
         m = s.logsumexp(-1)                                       # [B, r, Hkv, G]
+        if sink is not None:
+            m = torch.logaddexp(m, sink.float().view(hkv, heads // hkv))
         p = torch.exp(s - m.where(m.isfinite(), 0.0)[..., None])  # 0 on rows with no valid entry
         o = torch.einsum("brhgk,brkhd->brhgd", p, vg)
         out[:, rows] = o.flatten(2, 3).to(out.dtype)
@@ -110,12 +117,14 @@ def sparse_attention_ref(q: Tensor, k: Tensor, v: Optional[Tensor], indices: Ten
 
 def sparse_attention_ref_backward(q: Tensor, k: Tensor, v: Optional[Tensor], out: Tensor, lse: Tensor, dout: Tensor,
                                   indices: Tensor, *, scale: float, d_v: int, upper: Optional[int] = None,
-                                  bias: Optional[Tensor] = None,
+                                  bias: Optional[Tensor] = None, sink: Optional[Tensor] = None,
                                   block_q: Optional[int] = None) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """p recomputed from lse; the key/value gradients are scattered back with ``index_add_``. Returns
     (dq, dk, dv); in latent mode dv is None and dk holds the values' gradient in its first d_v dims.
-    ``out`` is not read (delta = rowsum(p * dp) in fp32, as eager autograd); it keeps the kernels' signature."""
-    check_sparse_attention_args(q, k, v, indices, d_v, bias)
+    ``out`` is not read (delta = rowsum(p * dp) in fp32, as eager autograd) and ``sink`` only checked:
+    lse includes the sink, so p are the probabilities and the sink column (dp = 0) adds nothing to
+    delta; they keep the kernels' signature. dsink is the op's (``dsgraph/ops/sparse_attention.py``)."""
+    check_sparse_attention_args(q, k, v, indices, d_v, bias, sink)
     batch, seq, heads, dim = q.shape
     keys, hkv = k.shape[1], k.shape[2]
     dq = torch.empty_like(q)

@@ -9,7 +9,10 @@ so the accumulator stays in registers. With BLOCK_H >= 16 the products are tenso
 (latent/MQA mode, GQA); smaller head groups (MHA mode) use broadcast products. Any head count, any K,
 T < K, -1 / out-of-range / causally invalid entries (skipped) are served.
 
-Backward: p is recomputed from lse; dq accumulates in fp32 inside the program that owns the query,
+An attention sink (one more softmax column per head that adds no value) is folded into the epilogue:
+lse' = logaddexp(lse, sink), out = acc * exp(m - lse').
+
+Backward: p is recomputed from lse (which includes the sink, so the kernel needs no sink term); dq accumulates in fp32 inside the program that owns the query,
 dk/dv are scattered into fp32 buffers with atomic adds (latent mode: the values' gradient lands in
 the first d_v dims of dk). delta = rowsum(dout * out) in fp32.
 """
@@ -67,9 +70,10 @@ def _scores(Qrow, Krow, idx, valid, heads_ok, sqh, skt, D: tl.constexpr, BLOCK_H
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, IDX, BIAS, O, LSE, scale_log2, S, T, NK, upper,
+def _fwd_kernel(Q, K, V, IDX, BIAS, SINK, O, LSE, scale_log2, S, T, NK, upper,
                 sqb, sqs, sqh, skb, skt, skh, svb, svt, svh, sib, sis, sob, sos, soh, slb, sls,
                 G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_BIAS: tl.constexpr,
+                HAS_SINK: tl.constexpr,
                 BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 USE_DOT: tl.constexpr, PREC: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -105,13 +109,18 @@ def _fwd_kernel(Q, K, V, IDX, BIAS, O, LSE, scale_log2, S, T, NK, upper,
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
         m = m_new
     has = l > 0
-    out = acc / tl.where(has, l, 1.0)[:, None]
+    lse2 = tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf"))  # log2 units
+    if HAS_SINK:  # one more softmax column: lse2 = log2(2^lse2 + 2^sink2); a row without keys gets sink2
+        sink2 = tl.load(SINK + h0 + tl.arange(0, BLOCK_H), mask=heads_ok, other=0.0).to(tl.float32) * LOG2E
+        hi = tl.maximum(lse2, sink2)
+        hi = tl.where(hi == float("-inf"), 0.0, hi)
+        lse2 = hi + tl.log2(tl.exp2(lse2 - hi) + tl.exp2(sink2 - hi))
+    out = acc * tl.where(has, tl.exp2(m - tl.where(has, lse2, 0.0)), 0.0)[:, None]  # no -inf - -inf
     Orow = O + b * sob + s * sos + h0 * soh
     tl.store(Orow + tl.arange(0, BLOCK_H)[:, None] * soh + offs_dv[None, :], out.to(O.dtype.element_ty),
              mask=heads_ok[:, None] & dv_ok[None, :])
     if tl.program_id(2) == 0:
-        lse = tl.where(has, (m + tl.log2(tl.where(has, l, 1.0))) * LN2, float("-inf"))
-        tl.store(LSE + b * slb + s * sls + h0 + tl.arange(0, BLOCK_H), lse, mask=heads_ok)
+        tl.store(LSE + b * slb + s * sls + h0 + tl.arange(0, BLOCK_H), lse2 * LN2, mask=heads_ok)
 
 
 @triton.jit
@@ -189,11 +198,12 @@ def _prec(q: Tensor) -> str:
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
-def triton_unsupported_reason(q, k, v, indices, *, bias=None, scale=None, d_v=None, upper=None) -> Optional[str]:
+def triton_unsupported_reason(q, k, v, indices, *, bias=None, sink=None, scale=None, d_v=None,
+                              upper=None) -> Optional[str]:
     """None when the Triton kernels can serve the call, else a one-line reason."""
     if q.dtype not in _DTYPES:
         return f"dtype {str(q.dtype).removeprefix('torch.')} (the triton kernels take float16, bfloat16, float32)"
-    return triton_device_reason((q, k, v, indices, bias), _INTERPRET, "triton sparse attention kernels")
+    return triton_device_reason((q, k, v, indices, bias, sink), _INTERPRET, "triton sparse attention kernels")
 
 
 def _strides(q, k, v, indices, out, lse):
@@ -202,11 +212,13 @@ def _strides(q, k, v, indices, out, lse):
 
 
 def sparse_attention_triton(q: Tensor, k: Tensor, v: Optional[Tensor], indices: Tensor, *, scale: float, d_v: int,
-                            upper: Optional[int] = None, bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    check_sparse_attention_args(q, k, v, indices, d_v, bias)
+                            upper: Optional[int] = None, bias: Optional[Tensor] = None,
+                            sink: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    check_sparse_attention_args(q, k, v, indices, d_v, bias, sink)
     q, k, indices = q.contiguous(), k.contiguous(), indices.contiguous()
-    has_bias = bias is not None
+    has_bias, has_sink = bias is not None, sink is not None
     bias = bias.contiguous() if has_bias else indices  # a placeholder pointer without one
+    sink = sink.contiguous() if has_sink else indices
     vv = k if v is None else v.contiguous()
     batch, seq, heads, dim = q.shape
     hkv = k.shape[2]
@@ -218,19 +230,20 @@ def sparse_attention_triton(q: Tensor, k: Tensor, v: Optional[Tensor], indices: 
     block_dv = min(128 if not _INTERPRET else 16, triton.next_power_of_2(d_v))
     head_blocks = triton.cdiv(heads // hkv, blocks["BLOCK_H"])
     grid = (batch * seq, hkv * head_blocks, triton.cdiv(d_v, block_dv))
-    _fwd_kernel[grid](q, k, vv, indices, bias, out, lse, scale * 1.4426950408889634, seq, k.shape[1], indices.shape[2],
+    _fwd_kernel[grid](q, k, vv, indices, bias, sink, out, lse, scale * 1.4426950408889634, seq, k.shape[1], indices.shape[2],
                       0 if upper is None else upper, *_strides(q, k, vv, indices, out, lse),
                       G=heads // hkv, D=dim, DV=d_v, HAS_UPPER=upper is not None, HAS_BIAS=has_bias,
-                      BLOCK_DV=block_dv,
+                      HAS_SINK=has_sink, BLOCK_DV=block_dv,
                       PREC=_prec(q), **blocks)
     return out, lse
 
 
 def sparse_attention_triton_backward(q: Tensor, k: Tensor, v: Optional[Tensor], out: Tensor, lse: Tensor,
                                      dout: Tensor, indices: Tensor, *, scale: float, d_v: int,
-                                     upper: Optional[int] = None,
-                                     bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    check_sparse_attention_args(q, k, v, indices, d_v, bias)
+                                     upper: Optional[int] = None, bias: Optional[Tensor] = None,
+                                     sink: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``sink`` is only checked: lse includes it (see the module docstring)."""
+    check_sparse_attention_args(q, k, v, indices, d_v, bias, sink)
     q, k, indices, dout, lse = q.contiguous(), k.contiguous(), indices.contiguous(), dout.contiguous(), lse.contiguous()
     vv = k if v is None else v.contiguous()
     has_bias = bias is not None

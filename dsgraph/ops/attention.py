@@ -100,6 +100,21 @@ def _triton_unsupported(q, k, v, **kw):
     return triton_unsupported_reason(q, k, v, **kw)
 
 
+def _tilelang_forward(q, k, v, **kw):
+    from ..kernels.attention_tilelang import attention_tilelang
+    return attention_tilelang(q, k, v, **kw)
+
+
+def _tilelang_backward(q, k, v, out, lse, dout, **kw):
+    from ..kernels.attention_tilelang import attention_tilelang_backward
+    return attention_tilelang_backward(q, k, v, out, lse, dout, **kw)
+
+
+def _tilelang_unsupported(q, k, v, **kw):
+    from ..kernels.attention_tilelang import tilelang_unsupported_reason
+    return tilelang_unsupported_reason(q, k, v, **kw)
+
+
 def _sdpa_unsupported(q, k, v, **kw):
     from ..kernels.attention_sdpa import sdpa_unsupported_reason
     return sdpa_unsupported_reason(q, k, v, **kw)
@@ -152,6 +167,8 @@ register_kernel(KernelImpl("attention", "torch", _torch_forward, _torch_backward
                            unsupported=lambda q, k, v, **kw: None, run=_custom_op_runner("torch")))
 register_kernel(KernelImpl("attention", "triton", _triton_forward, _triton_backward,
                            unsupported=_triton_unsupported, run=_custom_op_runner("triton")))
+register_kernel(KernelImpl("attention", "tilelang", _tilelang_forward, _tilelang_backward,
+                           unsupported=_tilelang_unsupported, run=_custom_op_runner("tilelang")))
 # sdpa and flex: the attention pass emits PyTorch's own ops into the graph (Inductor lowers them,
 # forward and backward); the kernels here serve direct calls of the custom op.
 register_kernel(KernelImpl("attention", "sdpa", _sdpa_forward, _sdpa_backward,

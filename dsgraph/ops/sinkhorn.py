@@ -20,9 +20,8 @@ the loop above computes it.
 What the backward keeps: nothing but the logits. Saving the iterates (2·iters [.., M, M] per site:
 2.5 KB per token at M = 4, iters = 20, two sites a layer, some 8% on top of V4's own [4, 4096] bf16
 residual streams) would hold activation memory from forward to backward for values that 2·iters tiny
-normalisations in registers recompute. The Triton backward writes them to a per-program scratch (11
-MB at iters = 20 on an H100 whatever the number of matrices: it stays in L2) and reads them back in
-reverse order.
+normalisations in registers recompute. The Triton backward recomputes them in registers too,
+walking the iterations backwards in segments restarted from the softmax (no scratch memory).
 
 Kernel interface (``KernelImpl`` of op "sinkhorn"): ``forward(logits, iters, eps, row_first)``;
 ``backward(logits, grad, iters, eps, row_first)`` -> dlogits; ``unsupported(logits, iters, eps,
