@@ -96,8 +96,19 @@ def _check_backend(backend, kv, score, ape, ratio, overlap, seed=0):
     want, want_grads = grads(lambda k, s, a: pool(k, s, a, ratio, overlap, None, "torch"), (kv, score, ape), grad)
     assert out.dtype == want.dtype == dsgraph.ops.window_pool.result_dtype(kv, score, ape)
     torch.testing.assert_close(out, want)
-    for g, w_ in zip(got, want_grads):
+    exact = None
+    for i, (g, w_) in enumerate(zip(got, want_grads)):
         assert g.dtype == w_.dtype
+        if i == 2 and g.dtype == torch.float32 and N // ratio > 256:
+            # dape sums one term per window: over thousands of windows fp32 summation order alone moves it
+            # by more than assert_close's fp32 defaults (1.2e-5 at 4097 windows, on the H100). Bound: within
+            # twice the reference's own error against float64, plus the default atol.
+            if exact is None:
+                _, exact = grads(lambda k, s, a: pool(k, s, a, ratio, overlap, None, "torch"),
+                                 tuple(t.double() if t is not None else None for t in (kv, score, ape)), grad.double())
+            own = (w_.double() - exact[2]).abs().max().item()
+            assert (g.double() - exact[2]).abs().max().item() <= 2 * own + 1e-5
+            continue
         torch.testing.assert_close(g, w_)
 
 
