@@ -4,7 +4,7 @@ dsgraph::sparse_attention with the sink over window ∪ pooled index lists; the 
 dense [S, L + P] mask is gone, and outputs and gradients (q, keys, pooled keys, sink) equal eager."""
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 from torch.func import functional_call
 
 import dsgraph.models.deepseek_v4 as dsv4
@@ -300,3 +300,19 @@ def test_v4_flash_site_on_gpu(backend, ratio, K):
     for got, want in zip(*reversed(results)):
         # bf16 outputs and gradients accumulated in another order: a few bf16 ulps
         torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+@settings(max_examples=max(4, settings.default.max_examples // 2))
+@given(S=st.integers(2, 40), W=st.integers(1, 12), H=st.sampled_from([1, 4]), seed=st.integers(0, 2 ** 16))
+def test_sliding_layers_become_a_window_index_list(S, W, H, seed):
+    """A V4 sliding layer (band + sink, one K = V head): on CPU the dense op has only the reference
+    kernel (as at head dim 512 on a GPU), so the window becomes the index list: W entries a query.
+    (With W >= S the mask is plain causal, no window: that site stays dense.)"""
+    assume(W < S)
+    def fn(q, kv, sink):
+        return sink_attention(q, kv, sink, window_mask(S, W, "model"), q.shape[-1] ** -0.5)
+    g = torch.Generator().manual_seed(seed)
+    args = [torch.randn(1, S, H, 16, generator=g).requires_grad_(), torch.randn(1, S, 16, generator=g).requires_grad_(),
+            (torch.rand(H, generator=g) * 60 - 30).requires_grad_()]
+    rw = check_rewritten(fn, args, S, S, W)
+    assert "no pooled keys" in rw.detail
