@@ -43,13 +43,13 @@ one build serves every shape. ``tilelang`` is imported lazily: importing this mo
 # name the builders' local dynamic shapes.
 import dataclasses
 import functools
-import importlib
 import math
 from typing import Optional
 
 import torch
 
 from .attention_ref import check_attention_args
+from .common import tilelang_device_reason
 
 TARGET = {"kind": "cuda", "arch": "sm_90a"}
 HEAD_DIMS = ((64, 64), (128, 128))  # (D, Dv) compiled for (MLA's 192/128 fails TileLang's lowering)
@@ -441,18 +441,9 @@ def tilelang_unsupported_reason(q, k, v, *, scale=None, sink=None, bias=None, lo
         return f"head dims (D, Dv) = {dims} (the tilelang kernel is built for {', '.join(map(str, HEAD_DIMS))})"
     if scale is not None and not scale > 0:
         return f"scale {scale} (the kernel's running max needs scale > 0)"
-    try:
-        importlib.import_module("tilelang")
-    except Exception as exc:  # missing or broken install: a reason, never a failed compile
-        return f"tilelang not importable ({exc})"
-    tensors = [t for t in (q, k, v, sink) if t is not None]
-    if any(t.device.type != "cuda" for t in tensors):
-        return "the tilelang attention kernel needs CUDA tensors"
-    if len({t.device for t in tensors}) > 1:
-        return "tensors on several devices"
-    major, minor = torch.cuda.get_device_capability(q.device)
-    if major != 9:
-        return f"compute capability {major}.{minor} (the tilelang attention kernel is built for sm_90a)"
+    reason = tilelang_device_reason((q, k, v, sink), "tilelang attention kernel")
+    if reason is not None:
+        return reason
     if q.shape[0] > _MAX_GRID_YZ or q.shape[1] > _MAX_GRID_YZ:
         return f"B={q.shape[0]}, Hq={q.shape[1]}: the grid's y/z dimensions stop at {_MAX_GRID_YZ}"
     if max(t.numel() for t in (q, k, v)) >= 2 ** 31:

@@ -1,6 +1,7 @@
 """Argument checks the kernel families share."""
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 import torch
@@ -30,6 +31,25 @@ def triton_device_reason(tensors, interpret: bool, kernel: str) -> Optional[str]
         return "device cpu needs TRITON_INTERPRET=1"
     if device not in ("cuda", "cpu"):
         return f"device {device} not supported by the {kernel}"
+    return None
+
+
+def tilelang_device_reason(tensors, kernel: str) -> Optional[str]:
+    """None when the Hopper (sm_90a) TileLang ``kernel`` can run on the tensors, else the reason: a
+    missing or broken tilelang install is a reason, never a failed compile."""
+    try:
+        importlib.import_module("tilelang")
+    except Exception as exc:
+        return f"tilelang not importable ({exc})"
+    tensors = [t for t in tensors if t is not None]
+    if any(t.device.type != "cuda" for t in tensors):
+        return f"the {kernel}: CUDA tensors only"
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        return f"tensors on several devices {sorted(map(str, devices))}"
+    major, minor = torch.cuda.get_device_capability(tensors[0].device)
+    if major != 9:
+        return f"compute capability {major}.{minor} (the {kernel}: sm_90a only)"
     return None
 
 

@@ -30,6 +30,8 @@ from typing import Optional
 
 import torch
 
+from .common import tilelang_device_reason
+
 TARGET = {"kind": "cuda", "arch": "sm_90a"}
 _DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _HEAD_DIMS = (64, 128)
@@ -269,18 +271,9 @@ def compile_for_sm90a(heads: int = 64, dim: int = 128, dtype: torch.dtype = torc
 def tilelang_unsupported_reason(q, k, weights, *, bias=None, lower=None, upper=None,
                                 topk=None) -> Optional[str]:
     """None when the TileLang kernels can serve the call, else a one-line reason."""
-    try:
-        import tilelang  # noqa: F401
-    except Exception as exc:  # missing or broken install: a reason, never a failed compile
-        return f"tilelang not importable ({exc})"
-    tensors = [t for t in (q, k, weights, bias) if t is not None]
-    if any(t.device.type != "cuda" for t in tensors):
-        return "the tilelang indexer kernels need CUDA tensors"
-    if len({t.device for t in tensors}) > 1:
-        return "tensors on several devices"
-    major, minor = torch.cuda.get_device_capability(q.device)
-    if major != 9:
-        return f"compute capability {major}.{minor} (the tilelang indexer kernels are built for sm_90a)"
+    reason = tilelang_device_reason((q, k, weights, bias), "tilelang indexer kernels")
+    if reason is not None:
+        return reason
     if q.dtype not in _DTYPES or k.dtype != q.dtype:
         return f"dtypes q {q.dtype}, k {k.dtype} (the tilelang kernels take bfloat16/float16, the same for both)"
     heads, dim = q.shape[2], q.shape[3]

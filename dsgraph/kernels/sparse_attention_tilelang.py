@@ -37,6 +37,8 @@ from typing import Optional
 
 import torch
 
+from .common import tilelang_device_reason
+
 TARGET = {"kind": "cuda", "arch": "sm_90a"}
 D_QK, D_V = 576, 512  # DeepSeek V3 MLA: 512 latent + 64 rope
 DIMS = ((D_QK, D_V), (D_V, D_V))  # (d_qk, d_v) the kernels are built for; V4: K = V, no rope tail
@@ -379,18 +381,9 @@ def _upper(q, kv, upper) -> Optional[int]:
 
 def tilelang_unsupported_reason(q, kv, indices, *, scale, d_v, upper=CAUSAL, sink=None) -> Optional[str]:
     """None when the TileLang kernels can serve the call, else a one-line reason."""
-    try:
-        import tilelang  # noqa: F401
-    except Exception as exc:  # missing or broken install: a reason, never a failed compile
-        return f"tilelang not importable ({exc})"
-    tensors = (q, kv, indices) + ((sink,) if sink is not None else ())
-    if any(t.device.type != "cuda" for t in tensors):
-        return "the tilelang sparse MLA kernels need CUDA tensors"
-    if len({t.device for t in tensors}) > 1:
-        return "tensors on several devices"
-    major, minor = torch.cuda.get_device_capability(q.device)
-    if major != 9:
-        return f"compute capability {major}.{minor} (the tilelang sparse MLA kernels are built for sm_90a)"
+    reason = tilelang_device_reason((q, kv, indices, sink), "tilelang sparse MLA kernels")
+    if reason is not None:
+        return reason
     if q.dtype != torch.bfloat16 or kv.dtype != torch.bfloat16:
         return f"dtypes q {q.dtype}, kv {kv.dtype} (the tilelang kernels take bfloat16)"
     if q.dim() != 4 or kv.dim() != 4 or indices.dim() != 4:

@@ -21,6 +21,8 @@ from typing import Optional
 
 import torch
 
+from .common import tilelang_device_reason
+
 TARGET = {"kind": "cuda", "arch": "sm_90a"}
 _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 THREADS = 128
@@ -30,16 +32,9 @@ _BWD_CTAS_PER_SM = 8
 
 
 def tilelang_unsupported_reason(kv, score, ape, ratio: int, overlap: bool) -> Optional[str]:
-    try:
-        import tilelang  # noqa: F401
-    except Exception as exc:  # missing or broken install: a reason, never a failed compile
-        return f"tilelang not importable ({exc})"
-    tensors = [t for t in (kv, score, ape) if t is not None]
-    if any(t.device.type != "cuda" for t in tensors):
-        return "the tilelang window-pool kernels need CUDA tensors"
-    major, minor = torch.cuda.get_device_capability(kv.device)
-    if major != 9:
-        return f"compute capability {major}.{minor} (the tilelang window-pool kernels are built for sm_90a)"
+    reason = tilelang_device_reason((kv, score, ape), "tilelang window-pool kernels")
+    if reason is not None:
+        return reason
     for name, t in (("kv", kv), ("score", score), ("ape", ape)):
         if t is not None and t.dtype not in _DTYPES:
             return f"{name} dtype {t.dtype} not supported (fp16, bf16, fp32)"
