@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import dsgraph
 import dsgraph.models.deepseek_v4 as dsv4
 from dsgraph.models import (CheckpointError, DeepseekV4Config, DeepseekV4ForCausalLM, hc_split_sinkhorn,
                             overlap_transform, sink_attention, sinkhorn_normalize)
@@ -564,3 +565,24 @@ def test_checkpoint_errors_name_the_keys(tmp_path, write_checkpoint):
     assert "layers.2.attn.wo_a.weight: checkpoint (3, 3) vs model (32, 64)" in msg
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         DeepseekV4ForCausalLM.from_pretrained(str(tmp_path / "nowhere"), config=CFG)
+
+
+def test_explain_lists_every_v4_rewrite_of_the_tiny_model():
+    """dsgraph.optimize on the tiny V4 (sliding, ratio 4 + indexer, ratio 128) at S = 132 (one pooled key
+    on the ratio-128 layer): the report lists the pooling, the sparse attention with sink (all three layer
+    types), the indexer and the Sinkhorn rewrites, and the logits equal eager's."""
+    config = DeepseekV4Config.tiny()
+    torch.manual_seed(0)
+    model = DeepseekV4ForCausalLM(config).eval()
+    ids = torch.randint(0, config.vocab_size, (1, 132), generator=torch.Generator().manual_seed(0))
+    opt = dsgraph.optimize(model, policy="reference;residual=eager")
+    with torch.no_grad():
+        got, want = opt(ids).logits, model(ids).logits
+    report = dsgraph.explain(opt)
+    final = [r for r in report.rewrites if not r.rolled_back]
+    counts = {op: sum(r.op == op for r in final) for op in ("window_pool", "indexer_topk", "sinkhorn")}
+    assert counts == {"window_pool": 3, "indexer_topk": 1, "sinkhorn": 2 * config.num_hidden_layers}, report
+    sparse = [r for r in final if r.pass_name == "v4_attention"]
+    assert len(sparse) == 3 and all("sink" in r.detail for r in sparse), report
+    assert sum("no pooled keys" in r.detail for r in sparse) == 1, report
+    torch.testing.assert_close(got, want)
