@@ -51,8 +51,12 @@ def sites(draw):
                  slice_after=draw(st.booleans()), kv_first=draw(st.booleans()),
                  dims=draw(st.sampled_from(["positive", "negative"])))
     dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
+    # Triton's CPU interpreter truncates fp32 -> bf16 casts (1.0 + 3 * 2**-9 becomes 1.0; a GPU rounds to
+    # 1.0078125), doubling the kernel's output rounding: bf16 Triton kernels are checked by the GPU tests
+    # (tests/test_kernel_window_pool.py) only.
+    backends = ["reference", "triton"] if dtype == torch.float32 else ["reference"]
     return (draw(st.integers(1, 2)), S, draw(st.integers(2, 8)), ratio, (2 if overlap else 1) * d, overlap, style,
-            dtype, draw(st.sampled_from(["reference", "triton"])), draw(st.integers(0, 2 ** 16)))
+            dtype, draw(st.sampled_from(backends)), draw(st.integers(0, 2 ** 16)))
 
 
 def _args(B, S, C, ratio, w, dtype, seed, ape=True):
