@@ -113,11 +113,18 @@ def _classify_plane(plane: torch.Tensor, prefer_blocked: bool):
     return None if band is None else (*band, fill, False)
 
 
+def _free_cuda_bytes(device: torch.device) -> int:
+    """Free device memory plus what PyTorch's caching allocator holds unused (a program that ran larger
+    steps before compiling keeps it reserved; the evaluation's allocations reuse it)."""
+    return (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+            - torch.cuda.memory_allocated(device))
+
+
 def _too_large_to_evaluate(v: torch.Tensor) -> Optional[str]:
     if v.numel() <= MAX_EVAL_ELEMENTS:
         return None
     need = EVAL_MEMORY_FACTOR * v.numel() * v.element_size()
-    if v.device.type == "cuda" and need <= torch.cuda.mem_get_info(v.device)[0]:
+    if v.device.type == "cuda" and need <= _free_cuda_bytes(v.device):
         return None
     return (f"constant mask {list(v.shape)} not evaluated at compile time: above {MAX_EVAL_ELEMENTS} elements "
             f"it is evaluated only on a GPU with {need / 2 ** 30:.1f} GiB free (device {v.device})")

@@ -9,7 +9,8 @@ negative or positive, the product in either order) as ``models/deepseek_v4.py``'
   of [B, P, r, 2d] sources (in the traced graph: ``copy_`` into slices), kv filled with 0 and score
   with -inf;
 - ``score = projection + ape`` with ape broadcast over B and P (any shape that broadcasts to [r, w]
-  there) folds into the op; widening casts (``.float()``) of kv, score and ape are read by the op.
+  there) folds into the op; widening casts (``.float()``) of kv, score and ape are read by the op. A
+  broadcast fp16/bf16 ape enters the op as fp32 (its gradient is reduced over the rows before rounding).
 
 The op reads the unpooled [B, N, w] projections once: the [B, P, 2r, d] buffers, the softmax and the
 product are never materialised. It computes in fp32 and rounds once to the sum's dtype: a chain that
@@ -239,6 +240,10 @@ class _Site:
             if len(shape) > 2:
                 ape = call(graph, aten.reshape.default, ape, list(shape[-2:]), like=self.total)
             if tuple(val(ape).shape) != (r, w):
+                if val(ape).element_size() < 4:
+                    # the op's dape is [r, w]: summed over the broadcast rows in fp16/bf16 it would round r
+                    # times where eager's reduction rounds once; in fp32 the cast's backward rounds once
+                    ape = call(graph, aten._to_copy.default, ape, dtype=torch.float32, like=self.total)
                 ape = call(graph, aten.expand.default, ape, [r, w], like=self.total)
         return ape
 

@@ -182,6 +182,29 @@ def test_views_and_int64_indices():
 
 
 @pytest.mark.gpu
+def test_rows_past_65535():
+    """S = 65600 rows x 2 head blocks (H = 80): rows and head blocks share the grid's x dimension (its y
+    and z stop at 65535). Each row's result is its own: the last and first rows equal a call on them alone."""
+    _gpu_only()
+    seq, heads, topk = 65600, 80, 16
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, seq, heads, D_V, device="cuda", generator=gen).bfloat16()
+    kv = torch.randn(1, seq, 1, D_V, device="cuda", generator=gen).bfloat16()
+    dout = torch.randn(1, seq, heads, D_V, device="cuda", generator=gen).bfloat16()
+    band = torch.arange(seq, device="cuda")[:, None] - torch.arange(topk, device="cuda")
+    idx = band.masked_fill(band < 0, -1).int()[None, :, None]
+    out, lse = sparse_mla_fwd_tilelang(q, kv, idx, scale=0.05, d_v=D_V, upper=None)
+    dq, _ = sparse_mla_bwd_tilelang(q, kv, out, dout, idx, lse, scale=0.05, d_v=D_V, upper=None)
+    for rows in (slice(seq - 100, seq), slice(0, 100)):
+        part_out, part_lse = sparse_mla_fwd_tilelang(q[:, rows], kv, idx[:, rows], scale=0.05, d_v=D_V, upper=None)
+        part_dq, _ = sparse_mla_bwd_tilelang(q[:, rows], kv, part_out, dout[:, rows], idx[:, rows], part_lse,
+                                             scale=0.05, d_v=D_V, upper=None)
+        assert torch.equal(out[:, rows], part_out) and torch.equal(lse[:, rows], part_lse)
+        assert torch.equal(dq[:, rows], part_dq)
+    assert lse.isfinite().all() and out.abs().amax() > 0
+
+
+@pytest.mark.gpu
 def test_no_keys_at_all():
     _gpu_only()
     q, kv, idx, dout = _inputs(1, 16, 16, 64, 8)

@@ -78,7 +78,10 @@ def _fwd_kernel(d_qk: int = D_QK, d_v: int = D_V):
             Lse: T.Tensor((batch, seq, blocks, bh), acc_t),
             scale_log2: T.float32,
             upper: T.int32):
-        with T.Kernel(blocks, seq, batch, threads=384) as (hb, s, b):
+        # rows and head blocks share grid x (y and z stop at 65535 blocks), head blocks fastest: the
+        # blocks of one row gather the same keys back to back
+        with T.Kernel(seq * blocks, batch, threads=384) as (row_hb, b):
+            s, hb = row_hb // blocks, row_hb % blocks
             q_l = T.alloc_shared((bh, half), dtype)
             q_r = T.alloc_shared((bh, half), dtype)
             q_t = T.alloc_shared((bh, tail_alloc), dtype)
@@ -277,7 +280,10 @@ def _bwd_kernel(d_qk: int = D_QK, d_v: int = D_V):
             dKV: T.Tensor((batch, keys, 1, d_qk), acc_t),
             scale: T.float32,
             upper: T.int32):
-        with T.Kernel(blocks, seq, batch, threads=256) as (hb, s, b):
+        # rows and head blocks share grid x (y and z stop at 65535 blocks), head blocks fastest: the
+        # blocks of one row gather the same keys back to back
+        with T.Kernel(seq * blocks, batch, threads=256) as (row_hb, b):
+            s, hb = row_hb // blocks, row_hb % blocks
             q_s = T.alloc_shared((bh, d_v), dtype)
             q_t = T.alloc_shared((bh, tail_alloc), dtype)
             do_s = T.alloc_shared((bh, d_v), dtype)
@@ -403,8 +409,10 @@ def tilelang_unsupported_reason(q, kv, indices, *, scale, d_v, upper=CAUSAL, sin
     upper = _upper(q, kv, upper)
     if upper is not None and not -2 ** 30 < upper < 2 ** 30:
         return f"upper {upper} (the kernels take an int32 causal offset, |upper| < 2^30)"
-    if q.shape[1] > 65535 or q.shape[0] > 65535:
-        return f"B={q.shape[0]}, S={q.shape[1]}: the grid's y/z dimensions (query rows, batch) stop at 65535"
+    if q.shape[0] > 65535:
+        return f"B={q.shape[0]}: the grid's y dimension (batch) stops at 65535"
+    if q.shape[1] * (q.shape[2] // BLOCK_H + (q.shape[2] % BLOCK_H > 0)) >= 2 ** 31:
+        return f"S={q.shape[1]} x {q.shape[2]} heads: the grid's x dimension (rows x head blocks) stops at 2^31 - 1"
     return None
 
 
