@@ -9,7 +9,7 @@ softmax. "causal" has no window; "window+sink" a 1024-key sliding window and a p
 FlexAttention is torch.compile(flex_attention) with a block mask built once outside the timing (the
 sink as softmax(scores) * sigmoid(lse - sink)); "autotune" is dsgraph.optimize(fn, policy="autotune")
 with a fresh cache, so the choice is measured in this run (its candidates' times are printed).
-"dsgraph triton" / "dsgraph flex" force that backend for the attention site. Cells: median ms of
+"dsgraph triton" / "dsgraph tilelang" / "dsgraph flex" force that backend for the attention site. Cells: median ms of
 triton.testing.do_bench / peak GiB allocated during one step above what was allocated before it;
 fwd+bwd is out.backward(dout) after the forward.
 TFLOP/s counts the visible (unmasked) score entries only: 4*B*H*D per entry forward, 2.5x that
@@ -79,6 +79,11 @@ def flex_baseline(seq: int, window: int | None, device):
     return fn
 
 
+def speedup(baseline, ms):
+    """Two decimals: the goals are 0.95x SDPA and 1.5x / 2x Flex."""
+    return "-" if baseline is None or ms is None else f"{baseline / ms:.2f}x"
+
+
 def visible_pairs(seq: int, window: int | None) -> int:
     if window is None:
         return seq * (seq + 1) // 2
@@ -145,10 +150,10 @@ def main():
     # compiled versions per frame the later ones would silently run eager.
     torch._dynamo.config.recompile_limit = 64
     device = torch.device("cuda")
-    columns = ("eager", "torch.compile", "SDPA", "FlexAttention", "dsgraph triton", "dsgraph flex", "dsgraph auto",
-               "dsgraph autotune")
+    columns = ("eager", "torch.compile", "SDPA", "FlexAttention", "dsgraph triton", "dsgraph tilelang", "dsgraph flex",
+               "dsgraph auto", "dsgraph autotune")
     header = ("| case | S | pass | " + " | ".join(f"{c} ms / GiB" for c in columns)
-              + " | auto / autotune backend | best dsgraph vs eager | vs compile | vs SDPA or Flex | "
+              + " | auto / autotune backend | best dsgraph vs eager | vs compile | vs SDPA or Flex | autotune vs SDPA or Flex | "
               "best dsgraph TFLOP/s (% of 989) |")
     rows = []
     print(header, flush=True)
@@ -171,6 +176,7 @@ def main():
                    "torch.compile": torch.compile(fn) if seq <= args.eager_max else None,
                    "SDPA": sdpa if window is None else None, "FlexAttention": flex_baseline(seq, window, device),
                    "dsgraph triton": dsgraph.optimize(fn, policy="auto;attention=triton"),
+                   "dsgraph tilelang": dsgraph.optimize(fn, policy="auto;attention=tilelang"),
                    "dsgraph flex": dsgraph.optimize(fn, policy="auto;attention=flex"),
                    "dsgraph auto": dsgraph.optimize(fn),
                    # compiled after "auto" for each graph, so "auto" is the policy's order, not the cached choice
@@ -187,15 +193,19 @@ def main():
                     if f is None:
                         cells[name] = "cannot express" if name == "SDPA" else f"skipped (S > {args.eager_max})"
                     torch.cuda.empty_cache()
-                backends = []
-                for name in ("dsgraph auto", "dsgraph autotune"):
+                served = {}
+                for name in (n for n in columns if n.startswith("dsgraph") and cells[n][0] is not None):
                     report = dsgraph.explain(fns[name])  # fwd and fwd+bwd compile separate graphs
                     sites = [r for r in report.rewrites if r.op == "attention" and r.graph == report.graphs]
-                    backends.append(",".join(sorted({r.backend for r in sites})) or "none")
+                    served[name] = ",".join(sorted({r.backend for r in sites})) or "none"
+                    forced = name.split()[1]
+                    if forced in ("triton", "tilelang", "flex") and served[name] != forced:
+                        cells[name] = f"{fmt_ms(cells[name][0])} (served by {served[name]})"
                     for r in sites if name == "dsgraph autotune" else ():  # each candidate's time
                         print(f"  autotune {case} S={seq} {'fwd+bwd' if backward else 'fwd'}: {r.tuning}: "
                               + ", ".join(f"{b} {t:.3f} ms" if isinstance(t, float) else f"{b} {t}"
                                           for b, t in r.timings.items()), flush=True)
+                backends = [served.get(name, "-") for name in ("dsgraph auto", "dsgraph autotune")]
                 ms_of = {n: c[0] if isinstance(c, tuple) else None for n, c in cells.items()}
                 best = min((ms_of[n] for n in columns if n.startswith("dsgraph") and ms_of[n] is not None), default=None)
                 work = flops * (3.5 if backward else 1.0)
@@ -205,7 +215,8 @@ def main():
                        + " | ".join(c if isinstance(c, str) else f"{fmt_ms(c[0])} / {fmt_gib(c[1])}"
                                     if c[0] is not None else "OOM" for c in cells.values())
                        + f" | {' / '.join(backends)} | {ratio(ms_of['eager'], best)} | "
-                       f"{ratio(ms_of['torch.compile'], best)} | {ratio(baseline, best)} | {rate} |")
+                       f"{ratio(ms_of['torch.compile'], best)} | {speedup(baseline, best)} | "
+                       f"{speedup(baseline, ms_of['dsgraph autotune'])} | {rate} |")
                 rows.append(row)
                 print(row, flush=True)
             del q, k, v, sinks, inputs, fns
