@@ -143,8 +143,11 @@ def main():
     parser.add_argument("--cases", default="causal,window+sink")
     parser.add_argument("--eager-max", type=int, default=16384,
                         help="largest S for eager and plain torch.compile ([S, S] fp32 scores per head)")
+    parser.add_argument("--skip-columns", default="",
+                        help="comma-separated columns not to run (their cells read 'not run'), e.g. 'dsgraph autotune'")
     args = parse_bench_args(parser)
     seqs = [int(s) for s in args.seqs.split(",")]
+    skipped = {c.strip() for c in args.skip_columns.split(",") if c.strip()}
     os.environ["DSGRAPH_CACHE_DIR"] = tempfile.mkdtemp(prefix="dsgraph-bench-autotune-")
     # Six compiled columns of one function, forward and backward graphs: past Dynamo's default limit of 8
     # compiled versions per frame the later ones would silently run eager.
@@ -181,6 +184,7 @@ def main():
                    "dsgraph auto": dsgraph.optimize(fn),
                    # compiled after "auto" for each graph, so "auto" is the policy's order, not the cached choice
                    "dsgraph autotune": dsgraph.optimize(fn, policy="autotune")}
+            fns = {name: None if name in skipped else f for name, f in fns.items()}
             flops = 4 * B * HQ * D * visible_pairs(seq, window)
             for backward in (False, True):
                 cells = {}
@@ -190,11 +194,14 @@ def main():
                     print(f"  {case} S={seq} {'fwd+bwd' if backward else 'fwd'} {name}: {fmt_ms(ms)} ms "
                           f"({time.perf_counter() - started:.0f} s incl. compile)", flush=True)
                     cells[name] = (ms, peak_gib(f, inputs, backward) if ms is not None else None)
-                    if f is None:
+                    if name in skipped:
+                        cells[name] = "not run"
+                    elif f is None:
                         cells[name] = "cannot express" if name == "SDPA" else f"skipped (S > {args.eager_max})"
                     torch.cuda.empty_cache()
                 served = {}
-                for name in (n for n in columns if n.startswith("dsgraph") and cells[n][0] is not None):
+                for name in (n for n in columns if n.startswith("dsgraph") and isinstance(cells[n], tuple)
+                             and cells[n][0] is not None):
                     report = dsgraph.explain(fns[name])  # fwd and fwd+bwd compile separate graphs
                     sites = [r for r in report.rewrites if r.op == "attention" and r.graph == report.graphs]
                     served[name] = ",".join(sorted({r.backend for r in sites})) or "none"
