@@ -41,7 +41,7 @@ def masked_value(x) -> bool:
 CHUNK_ELEMENTS = 1 << 24
 
 
-def _row_chunks(rows: int, cols: int):
+def row_chunks(rows: int, cols: int):
     """Row slices of about CHUNK_ELEMENTS: the checks below never hold more than a few such temporaries
     next to the mask (a 64k x 64k mask is 2^32 elements)."""
     step = max(1, CHUNK_ELEMENTS // max(cols, 1))
@@ -53,7 +53,7 @@ def band_of(allowed: torch.Tensor) -> Optional[tuple[Optional[int], Optional[int
     masks something (an all-allowed constant is no mask)."""
     rows, cols = allowed.shape
     lo, hi, count = None, None, 0
-    for part in _row_chunks(rows, cols):
+    for part in row_chunks(rows, cols):
         diff = torch.arange(cols, device=allowed.device)[None, :] - torch.arange(
             part.start, part.stop, device=allowed.device)[:, None]
         chunk = allowed[part]
@@ -65,7 +65,7 @@ def band_of(allowed: torch.Tensor) -> Optional[tuple[Optional[int], Optional[int
         return None
     lower = None if lo <= -(rows - 1) else lo
     upper = None if hi >= cols - 1 else hi
-    for part in _row_chunks(rows, cols):
+    for part in row_chunks(rows, cols):
         band = band_allowed(part.stop - part.start, cols, None if lower is None else lower + part.start,
                             None if upper is None else upper + part.start, allowed.device)
         if not torch.equal(allowed[part], band):
@@ -102,7 +102,7 @@ def _classify_plane(plane: torch.Tensor, prefer_blocked: bool):
         return None
     blocked = plane != 0
     fills = set()  # the distinct nonzero values, chunk by chunk (one is a mask's fill)
-    for part in _row_chunks(*plane.shape):
+    for part in row_chunks(*plane.shape):
         fills.update(plane[part][blocked[part]].unique().tolist())
         if len(fills) > 1:
             return None
@@ -120,7 +120,7 @@ def _free_cuda_bytes(device: torch.device) -> int:
             - torch.cuda.memory_allocated(device))
 
 
-def _too_large_to_evaluate(v: torch.Tensor) -> Optional[str]:
+def too_large_to_evaluate(v: torch.Tensor) -> Optional[str]:
     if v.numel() <= MAX_EVAL_ELEMENTS:
         return None
     need = EVAL_MEMORY_FACTOR * v.numel() * v.element_size()
@@ -143,7 +143,7 @@ class MaskPass(Pass):
             if node.target in (aten.scatter.value, aten.scatter_.value):
                 self._topk(gm, node, ctx, constant)
             elif self._is_band_candidate(node, constant):
-                reason = _too_large_to_evaluate(val(node))
+                reason = too_large_to_evaluate(val(node))
                 if reason is None:
                     self._band(gm, node, ctx)
                 else:

@@ -85,14 +85,14 @@ def topk_source(index: fx.Node) -> Optional[fx.Node]:
     return None
 
 
-def _bshd(graph: fx.Graph, node: fx.Node, like: fx.Node) -> fx.Node:
+def to_bshd(graph: fx.Graph, node: fx.Node, like: fx.Node) -> fx.Node:
     """[B, H, L, D] -> [B, L, H, D], peeling the permute the attention pass inserted."""
     if node.target is aten.permute.default and list(node.args[1]) == [0, 2, 1, 3]:
         return node.args[0]
     return call(graph, aten.permute.default, node, [0, 2, 1, 3], like=like)
 
 
-def _exact_in(node: fx.Node) -> torch.dtype:
+def exact_dtype_of(node: fx.Node) -> torch.dtype:
     """The narrowest float dtype holding ``node``'s values exactly, from the widening casts and views
     it was computed through."""
     narrowest = val(node).dtype
@@ -105,7 +105,7 @@ def _exact_in(node: fx.Node) -> torch.dtype:
     return narrowest
 
 
-def _narrow(graph: fx.Graph, node: fx.Node, dtype: torch.dtype, like: fx.Node) -> fx.Node:
+def narrowed_to(graph: fx.Graph, node: fx.Node, dtype: torch.dtype, like: fx.Node) -> fx.Node:
     if val(node).dtype == dtype:
         return node
     if node.target in WIDENING and val(node.args[0]).dtype == dtype:
@@ -113,7 +113,7 @@ def _narrow(graph: fx.Graph, node: fx.Node, dtype: torch.dtype, like: fx.Node) -
     return call(graph, aten.to.dtype, node, dtype, like=like)
 
 
-def _same_views(k: fx.Node, v: fx.Node) -> tuple[fx.Node, fx.Node]:
+def same_view_bases(k: fx.Node, v: fx.Node) -> tuple[fx.Node, fx.Node]:
     """Walk k and v down through matching views/casts that keep the last dim in place and the leading
     shape equal on both sides; returns the bases."""
     while True:
@@ -149,7 +149,7 @@ def latent_cut(k: fx.Node, v: fx.Node) -> Optional[list[fx.Node]]:
     """If v's values are k's first d_v dims, the nodes both are computed from; else None."""
     d_v = val(v).shape[-1]
     try:
-        kb, vb = _same_views(k, v)
+        kb, vb = same_view_bases(k, v)
     except Reject:
         return None
     kb, vb = _exact_source(kb), _exact_source(vb)
@@ -164,14 +164,14 @@ def latent_cut(k: fx.Node, v: fx.Node) -> Optional[list[fx.Node]]:
         if dim not in (-1, val(kb).dim() - 1) or start not in (0, None) or val(vb.args[0]).shape != val(kb).shape:
             return None
         try:  # the sliced tensor is the key, possibly through its own copy of the same views
-            kb, sliced = _same_views(kb, vb.args[0])
+            kb, sliced = same_view_bases(kb, vb.args[0])
         except Reject:
             return None
         return [kb] if kb is sliced else None
     return None
 
 
-def _existing(node: fx.Node, existing: set) -> fx.Node:
+def chain_start(node: fx.Node, existing: set) -> fx.Node:
     """The graph node an inserted permute/cast chain starts from."""
     while node not in existing:
         node = node.args[0]
@@ -217,12 +217,12 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
     old = outs[0]
     existing = set(graph.nodes)
     with graph.inserting_before(old):
-        q, k, v = (_bshd(graph, x, old) for x in (q4, k4, v4))
+        q, k, v = (to_bshd(graph, x, old) for x in (q4, k4, v4))
         cut = latent_cut(k, v)
-        exact = {_exact_in(x) for x in (q, k, v)}
+        exact = {exact_dtype_of(x) for x in (q, k, v)}
         dtype = exact.pop() if exact <= {torch.bfloat16} or exact <= {torch.float16} else val(q).dtype
-        q, k = _narrow(graph, q, dtype, old), _narrow(graph, k, dtype, old)
-        v = None if cut is not None else _narrow(graph, v, dtype, old)
+        q, k = narrowed_to(graph, q, dtype, old), narrowed_to(graph, k, dtype, old)
+        v = None if cut is not None else narrowed_to(graph, v, dtype, old)
         d_v = val(v4).shape[-1]
         gathered = None if bias is None else _gather_bias(graph, bias, index, val(q).shape[:2], val(k4).shape[2], old)
         args = dict(q=val(q), k=val(k), v=val(v), indices=val(index), bias=val(gathered), scale=scale, d_v=d_v,
@@ -243,7 +243,7 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
               + ("" if bias is None else f", bias {list(val(bias).shape)} gathered"))
     # Verification draws random values for these: the indices' sources (scores), never repeated
     # indices; in latent mode what keys and values are both built from.
-    kv_inputs = cut if cut is not None else [_existing(k, existing), _existing(v, existing)]
-    inputs = [_existing(q, existing), *kv_inputs, *source.all_input_nodes, *([bias] if bias is not None else [])]
+    kv_inputs = cut if cut is not None else [chain_start(k, existing), chain_start(v, existing)]
+    inputs = [chain_start(q, existing), *kv_inputs, *source.all_input_nodes, *([bias] if bias is not None else [])]
     ctx.commit(gm, op="sparse_attention", old=old, new=out, inputs=inputs, backend=backend, rejected=rejected,
                detail=detail)

@@ -42,8 +42,9 @@ from dsgraph.fxutil import call, evaluate, is_constant, val
 from dsgraph.pipeline import Pass, PassContext
 
 from .attention import MASK_CASTS, MASK_VIEWS
-from .masks import _row_chunks, _too_large_to_evaluate, classify, masked_value
-from .sparse_attention import Reject, _bshd, _exact_in, _existing, _narrow, _same_views, latent_cut, topk_source
+from .masks import classify, masked_value, row_chunks, too_large_to_evaluate
+from .sparse_attention import (Reject, chain_start, exact_dtype_of, latent_cut, narrowed_to, same_view_bases, to_bshd,
+                               topk_source)
 
 aten = torch.ops.aten
 dsgraph_ops = torch.ops.dsgraph
@@ -108,7 +109,7 @@ def _constant_plane(gm: fx.GraphModule, node: fx.Node, rows: int, cols: int, wha
     v = val(node)
     if tuple(v.shape[-2:]) != (rows, cols):
         raise Reject(f"the {what} {list(v.shape)} is not one [S={rows}, {cols}] plane")
-    reason = _too_large_to_evaluate(v)
+    reason = too_large_to_evaluate(v)
     if reason is not None:
         raise Reject(f"the {what}: {reason}")
     flat = evaluate(gm, node).reshape(-1, rows, cols)
@@ -147,7 +148,7 @@ def threshold_ratio(plane: torch.Tensor) -> Optional[int]:
     if not plane.is_floating_point():
         raise Reject(f"the pooled keys' constant mask is {plane.dtype}, not additive")
     first, fills = None, set()
-    for part in _row_chunks(rows, cols):
+    for part in row_chunks(rows, cols):
         chunk = plane[part]
         fills.update(chunk[chunk != 0].unique().tolist())
         if any(not masked_value(f) for f in fills):
@@ -159,7 +160,7 @@ def threshold_ratio(plane: torch.Tensor) -> Optional[int]:
     if not fills:
         return None
     ratio = rows + 1 if first is None else first + 1
-    for part in _row_chunks(rows, cols):
+    for part in row_chunks(rows, cols):
         expected = torch.arange(cols)[None, :] < torch.arange(part.start + 1, part.stop + 1)[:, None] // ratio
         if not torch.equal(plane[part] == 0, expected.to(plane.device)):
             raise Reject(f"the pooled keys' constant mask is not the compressed causal threshold p < (i + 1) // r "
@@ -261,18 +262,18 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, ctx: PassContext, local_mask: fx
     old = outs[0]
     existing = set(graph.nodes)
     with graph.inserting_before(old):
-        q, k, v = (_bshd(graph, x, old) for x in (q4, k4, v4))
+        q, k, v = (to_bshd(graph, x, old) for x in (q4, k4, v4))
         try:
-            kb, vb = _same_views(k, v)
+            kb, vb = same_view_bases(k, v)
             cut = [kb] if kb is vb else latent_cut(k, v)
         except Reject:
             cut = None
         if cut is None and local_mask is None:
             return  # a window-only site with separate keys and values: the dense op's
-        exact = {_exact_in(x) for x in (q, k, v)}
+        exact = {exact_dtype_of(x) for x in (q, k, v)}
         dtype = exact.pop() if exact <= {torch.bfloat16} or exact <= {torch.float16} else val(q).dtype
-        q, k = _narrow(graph, q, dtype, old), _narrow(graph, k, dtype, old)
-        v = None if cut is not None else _narrow(graph, v, dtype, old)
+        q, k = narrowed_to(graph, q, dtype, old), narrowed_to(graph, k, dtype, old)
+        v = None if cut is not None else narrowed_to(graph, v, dtype, old)
         d_v = val(v4).shape[-1]
         indices = _index_list(graph, old, batch=batch, rows=rows, local=local, pooled=pooled, window=window,
                               index=index, ratio=ratio, device=val(q).device)
@@ -296,8 +297,8 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, ctx: PassContext, local_mask: fx
               + ("" if ratio is None else f" (p < (i + 1) // {ratio})")
               + f", {window[1] - window[0] + 1 + k_pooled} indices per query"
               + ("" if sink is None else ", sink") + f", {str(dtype).removeprefix('torch.')}")
-    kv_inputs = cut if cut is not None else [_existing(k, existing), _existing(v, existing)]
-    inputs = [_existing(q, existing), *kv_inputs, *([sink] if sink is not None else []),
+    kv_inputs = cut if cut is not None else [chain_start(k, existing), chain_start(v, existing)]
+    inputs = [chain_start(q, existing), *kv_inputs, *([sink] if sink is not None else []),
               *(topk_source(index).all_input_nodes if index is not None else [])]
     ctx.commit(gm, op="sparse_attention", old=old, new=out, inputs=inputs, backend=backend, rejected=rejected,
                detail=detail)
