@@ -145,7 +145,7 @@ def rewrites_of(opt) -> tuple[str, list[str]]:
     """The applied rewrites as op:backend (one entry per op and backend) and why sites were left alone."""
     report = dsgraph.explain(opt)
     done = sorted({f"{r.op}:{r.backend}" if r.backend and r.backend != "-" else r.op
-                   for r in report.rewrites if not r.rolled_back})
+                   for r in report.rewrites if not r.rolled_back and not r.replaced_by})
     return ", ".join(done) or "none", sorted({s.reason for s in report.skipped})
 
 
@@ -153,7 +153,8 @@ def rewritten(op: str):
     """A check for Bench.columns, run after each pass: the newest graph holds an applied ``op`` rewrite."""
     def check(opt):
         report = dsgraph.explain(opt)
-        if not any(r.op == op and r.graph == report.graphs and not r.rolled_back for r in report.rewrites):
+        if not any(r.op == op and r.graph == report.graphs and not r.rolled_back and not r.replaced_by
+                   for r in report.rewrites):
             return f"dsgraph::{op} not in graph {report.graphs}"
         return None
     return check

@@ -44,6 +44,15 @@ class PassContext:
     pass_name: str = ""
     # The last choice per op, with its autotune timings, for the rewrite that commits it.
     _choices: dict = dataclasses.field(default_factory=dict)
+    # Each applied rewrite and the node it inserted: a later pass may replace that node in turn.
+    _inserted: list = dataclasses.field(default_factory=list)
+
+    def note_replaced(self, gm: fx.GraphModule) -> None:
+        """Mark the rewrites whose inserted node the current pass removed (the graph no longer runs them)."""
+        alive = set(gm.graph.nodes)
+        for record, node in self._inserted:
+            if node not in alive and not record.replaced_by:
+                record.replaced_by = self.pass_name
 
     def choose(self, op: str, node: fx.Node, **args) -> tuple[Optional[str], dict[str, str]]:
         """The backend for ``op`` at ``node``'s site (whose output needs gradients iff ``node``
@@ -83,6 +92,7 @@ class PassContext:
                 _erase_unused(gm.graph, new)
                 return False
         old.replace_all_uses_with(new)
+        self._inserted.append((record, new))
         log.info("dsgraph: %s rewrote %s -> dsgraph::%s [%s]", self.pass_name, record.location, op, backend or "-")
         return True
 
@@ -127,6 +137,7 @@ def run_passes(gm: fx.GraphModule, passes: Sequence[Pass], policy: Policy, repor
         ctx.pass_name = p.name
         p.run(gm, ctx)
         gm.graph.eliminate_dead_code()
+        ctx.note_replaced(gm)
         gm.graph.lint()
     gm.recompile()
     return gm

@@ -21,6 +21,8 @@ class Rewrite:
     # ("measured", "cached", or why nothing was measured).
     timings: dict[str, "float | str"] = dataclasses.field(default_factory=dict)
     tuning: str = ""
+    # The later pass that rewrote this rewrite's op in turn (its op is not in the compiled graph).
+    replaced_by: str = ""
 
 
 @dataclasses.dataclass
@@ -35,7 +37,8 @@ class Skip:
 
 class Report:
     """``report.rewrites``: list of :class:`Rewrite`; ``report.skipped``: sites left alone;
-    ``report.counts``: applied rewrites per pass; ``str(report)``: a readable table."""
+    ``report.counts``: applied rewrites per pass (those a later pass rewrote in turn included: their
+    ``replaced_by`` names it); ``str(report)``: a readable table."""
 
     def __init__(self):
         self.rewrites: list[Rewrite] = []
@@ -62,7 +65,7 @@ class Report:
     def sites(self, op: str) -> list[tuple[str, Rewrite]]:
         """Each applied rewrite of dsgraph::``op`` once per module its graph served (``""`` when
         unknown): ``[(module path, rewrite), ...]``."""
-        return [(module, r) for r in self.rewrites if r.op == op and not r.rolled_back
+        return [(module, r) for r in self.rewrites if r.op == op and not r.rolled_back and not r.replaced_by
                 for module in self.served.get(r.graph) or [""]]
 
     def __str__(self) -> str:
@@ -81,6 +84,8 @@ class Report:
                 why = "; ".join(x for x in (f"{tuning}: {timed}" if timed else tuning, why) if x)
             if r.detail:
                 why = f"{r.detail}. {why}" if why else r.detail
+            if r.replaced_by:
+                why = f"replaced by the {r.replaced_by} pass (not in the compiled graph). {why}".rstrip(". ")
             rows.append((str(r.graph), r.pass_name, r.op, r.backend or "-", verified, r.location, why))
         lines = [head, _table(rows)] if len(rows) > 1 else [head]
         lines += [f"graph {g} ran for {len(ms)} modules: {', '.join(ms)}"

@@ -585,4 +585,9 @@ def test_explain_lists_every_v4_rewrite_of_the_tiny_model():
     sparse = [r for r in final if r.pass_name == "v4_attention"]
     assert len(sparse) == 3 and all("sink" in r.detail for r in sparse), report
     assert sum("no pooled keys" in r.detail for r in sparse) == 1, report
+    # the attention pass's dense sites, which v4_attention rewrote in turn, are marked and not served
+    dense = [r for r in final if r.op == "attention"]
+    assert dense and all(r.replaced_by == "v4_attention" for r in dense), report
+    assert not report.sites("attention") and "replaced by the v4_attention pass" in str(report)
+    assert all(not r.replaced_by for r in final if r.op in ("window_pool", "sparse_attention", "sinkhorn"))
     torch.testing.assert_close(got, want)
