@@ -156,7 +156,8 @@ def main():
     columns = ("eager", "torch.compile", "SDPA", "FlexAttention", "dsgraph triton", "dsgraph tilelang", "dsgraph flex",
                "dsgraph auto", "dsgraph autotune")
     header = ("| case | S | pass | " + " | ".join(f"{c} ms / GiB" for c in columns)
-              + " | auto / autotune backend | best dsgraph vs eager | vs compile | vs SDPA or Flex | autotune vs SDPA or Flex | "
+              + " | auto / autotune backend | best dsgraph vs eager | vs compile | vs SDPA or Flex | "
+              "autotune vs SDPA or Flex | "
               "best dsgraph TFLOP/s (% of 989) |")
     rows = []
     print(header, flush=True)

@@ -125,6 +125,32 @@ def test_the_model_pooling_reads_the_projections_once():
                                          "ape [4, 8], kv torch.float32, score torch.float32 -> torch.float32")
 
 
+def test_a_broadcast_bf16_ape_gets_its_gradient_reduced_in_fp32():
+    """ape [w] broadcast to [r, w] in bf16: the op reads it widened to fp32, so its [r, w] gradient is
+    summed over the r rows before one rounding, as eager's reduction does (summed in bf16 it was further
+    from float64 than eager's: a thorough run's failure)."""
+    args = _args(1, 5, 2, 5, 2, torch.bfloat16, 249)
+
+    def fn(x, wkv, wgate, ape):
+        return compressor(x, wkv, wgate, ape, 5, True, upcast=False, ape_shape="w")
+
+    gm, report = rewrite(fn, args, passes=PASSES)
+    assert report.count("pooling") == 1, report
+    (node,) = [n for n in gm.graph.nodes if n.target is OP]
+    assert node.args[2].target is torch.ops.aten.expand.default and val_dtype(node.args[2]) == torch.float32
+    out = gm(*args)
+    got, want = (out[0] if isinstance(out, (tuple, list)) else out), fn(*args)
+    dout = torch.randn(want.shape, generator=torch.Generator().manual_seed(0)).bfloat16()
+    dape, dape_eager = (torch.autograd.grad(o, args[3], dout)[0].double() for o in (got, want))
+    wide = [a.detach().double().requires_grad_() for a in args]
+    exact = torch.autograd.grad(fn(*wide), wide[3], dout.double())[0]
+    assert (dape - exact).abs().max() <= (dape_eager - exact).abs().max(), (dape, dape_eager, exact)
+
+
+def val_dtype(node):
+    return node.meta["val"].dtype
+
+
 def test_verify_checks_the_overlap_rewrite():
     args = _args(1, 20, 8, 4, 6, torch.float32, 1)
     fn = lambda x, a, b, c: compressor(x, a, b, c, 4, True)  # noqa: E731
