@@ -26,6 +26,7 @@ import math
 import os
 import pathlib
 import tempfile
+import time
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -266,7 +267,10 @@ def tune(op: str, usable: list[str], args: dict, *, requires_grad: bool, measure
         return usable[0], {}, "autotune: the only candidate"
     timings: dict[str, "float | str"] = {}
     best: Optional[float] = None
+    log.info("dsgraph autotune: timing %s for %s at %s (%s; a candidate's first call compiles it)",
+             ", ".join(usable), op, site, "forward + backward" if requires_grad else "forward")
     for backend in usable:
+        started = time.perf_counter()
         try:
             ms = float(_TIMER(op, backend, args, requires_grad, best))
         except CannotTime as exc:
@@ -278,6 +282,8 @@ def tune(op: str, usable: list[str], args: dict, *, requires_grad: bool, measure
             continue
         timings[backend] = ms
         best = ms if best is None else min(best, ms)
+        log.info("dsgraph autotune: %s at %s: %s %.3g ms (%.1f s with compiling and timing)", op, site, backend, ms,
+                 time.perf_counter() - started)
     if best is None:
         return usable[0], timings, "autotune: no candidate ran, the policy's order"
     winner = next(b for b in usable if timings.get(b) == best)
