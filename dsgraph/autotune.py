@@ -199,6 +199,7 @@ def _bench(step: Callable[[], Any], best_ms: Optional[float]) -> float:
 def time_on_gpu(op: str, backend: str, args: dict, requires_grad: bool, best_ms: Optional[float] = None) -> float:
     """Milliseconds per call of what the rewritten graph runs for ``backend`` at a site
     (``KernelImpl.run``), forward or forward + backward, on random inputs of the site's layout."""
+    from torch._functorch import config as functorch_config
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     from .registry import kernel
@@ -208,7 +209,11 @@ def time_on_gpu(op: str, backend: str, args: dict, requires_grad: bool, best_ms:
     impl = kernel(op, backend)
     if impl.run is None:
         raise CannotTime(f"the {backend} kernel of dsgraph::{op} declares no runner to time")
-    with unset_fake_temporarily(), torch.cuda.device(device):
+    # A runner that is itself torch.compile'd (flex) must build its backward with its forward: lazily,
+    # the backward compiles in autograd's CUDA thread, which waits for Dynamo's compile lock, held by
+    # this thread (the site's graph is being compiled) while it waits for the backward: a deadlock.
+    with unset_fake_temporarily(), torch.cuda.device(device), \
+            functorch_config.patch(force_non_lazy_backward_lowering=True):
         real = {name: _materialize(v, requires_grad) for name, v in args.items()}
         leaves = [v for v in real.values() if isinstance(v, torch.Tensor) and v.requires_grad]
 
