@@ -190,15 +190,17 @@ def main():
             for backward in (False, True):
                 cells = {}
                 for name, f in fns.items():
+                    if name in skipped:
+                        cells[name] = "not run"
+                        continue
+                    if f is None:
+                        cells[name] = "cannot express" if name == "SDPA" else f"skipped (S > {args.eager_max})"
+                        continue
                     started = time.perf_counter()
-                    ms = measure(f, inputs, backward) if f is not None else None
+                    ms = measure(f, inputs, backward)
                     print(f"  {case} S={seq} {'fwd+bwd' if backward else 'fwd'} {name}: {fmt_ms(ms)} ms "
                           f"({time.perf_counter() - started:.0f} s incl. compile)", flush=True)
                     cells[name] = (ms, peak_gib(f, inputs, backward) if ms is not None else None)
-                    if name in skipped:
-                        cells[name] = "not run"
-                    elif f is None:
-                        cells[name] = "cannot express" if name == "SDPA" else f"skipped (S > {args.eager_max})"
                     torch.cuda.empty_cache()
                 served = {}
                 for name in (n for n in columns if n.startswith("dsgraph") and isinstance(cells[n], tuple)

@@ -196,10 +196,52 @@ def _bench(step: Callable[[], Any], best_ms: Optional[float]) -> float:
     return start.elapsed_time(end) / calls
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled(run: Callable[..., Any]) -> Callable[..., Any]:
+    return torch.compile(run, dynamic=False, fullgraph=True)
+
+
+@contextlib.contextmanager
+def compiling_runners() -> Iterator[None]:
+    """The settings runners are compiled and timed under.
+
+    - Their backward is built with their forward: lazily, it would compile in autograd's CUDA thread,
+      which waits for Dynamo's compile lock, held by this thread (the site's graph is being compiled)
+      while it waits for the backward: a deadlock.
+    - Every (runner, shape, grad mode) is a compiled entry of the runner's one code object: past
+      Dynamo's default limit of 8 the runner would silently run uncompiled and be mistimed.
+    """
+    from torch._dynamo import config as dynamo_config
+    from torch._functorch import config as functorch_config
+    with functorch_config.patch(force_non_lazy_backward_lowering=True), \
+            dynamo_config.patch(recompile_limit=2 ** 20, accumulated_recompile_limit=2 ** 20):
+        yield
+
+
+def timing_step(run: Callable[..., Any], args: dict, requires_grad: bool) -> Callable[[], Any]:
+    """One call of ``run`` (a ``KernelImpl.run``) on the real tensors ``args``, compiled alone as the
+    rewritten graph runs it: through AOTAutograd and Inductor's wrapper, whose per-call CPU cost decides
+    the steps that are launch-bound (a custom op's dispatch and Python glue against Inductor's own
+    kernels). With ``requires_grad`` the step runs the backward too and returns the leaves' gradients.
+    Call it under :func:`compiling_runners`."""
+    compiled = _compiled(run)
+    leaves = [v for v in args.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+
+    def step():
+        if not requires_grad:
+            with torch.no_grad():
+                return compiled(**args)
+        out = compiled(**args)
+        outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,))
+                if isinstance(o, torch.Tensor) and o.requires_grad]
+        return torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs], allow_unused=True)
+    return step
+
+
 def time_on_gpu(op: str, backend: str, args: dict, requires_grad: bool, best_ms: Optional[float] = None) -> float:
     """Milliseconds per call of what the rewritten graph runs for ``backend`` at a site
-    (``KernelImpl.run``), forward or forward + backward, on random inputs of the site's layout."""
-    from torch._functorch import config as functorch_config
+    (:func:`timing_step` of ``KernelImpl.run``), forward or forward + backward, on random inputs of
+    the site's layout."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     from .registry import kernel
@@ -209,27 +251,12 @@ def time_on_gpu(op: str, backend: str, args: dict, requires_grad: bool, best_ms:
     impl = kernel(op, backend)
     if impl.run is None:
         raise CannotTime(f"the {backend} kernel of dsgraph::{op} declares no runner to time")
-    # A runner that is itself torch.compile'd (flex) must build its backward with its forward: lazily,
-    # the backward compiles in autograd's CUDA thread, which waits for Dynamo's compile lock, held by
-    # this thread (the site's graph is being compiled) while it waits for the backward: a deadlock.
-    with unset_fake_temporarily(), torch.cuda.device(device), \
-            functorch_config.patch(force_non_lazy_backward_lowering=True):
+    with unset_fake_temporarily(), torch.cuda.device(device), compiling_runners():
         real = {name: _materialize(v, requires_grad) for name, v in args.items()}
-        leaves = [v for v in real.values() if isinstance(v, torch.Tensor) and v.requires_grad]
-
-        def step():
-            if not requires_grad:
-                with torch.no_grad():
-                    return impl.run(**real)
-            out = impl.run(**real)
-            outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,))
-                    if isinstance(o, torch.Tensor) and o.requires_grad]
-            torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs], allow_unused=True)
         try:
-            return _bench(step, best_ms)
+            return _bench(timing_step(impl.run, real, requires_grad), best_ms)
         finally:
             real.clear()
-            leaves.clear()
             torch.cuda.empty_cache()
 
 

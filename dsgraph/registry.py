@@ -28,7 +28,8 @@ class KernelImpl:
     # Called with the op's arguments (fake tensors at compile time); returns None or the reason.
     unsupported: Callable[..., Optional[str]]
     # What the rewritten graph runs at a site for this backend, called with real tensors and the same
-    # keywords as ``unsupported``; returns the op's differentiable output(s). Autotune times it.
+    # keywords as ``unsupported``; returns the op's differentiable output(s). Autotune times it
+    # compiled (``autotune.timing_step``), so it must trace with Dynamo in one graph.
     run: Optional[Callable[..., Any]] = None
 
 

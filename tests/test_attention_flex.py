@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 import dsgraph
 from dsgraph import registry
-from dsgraph.kernels.attention_flex import (attention_flex, band_block_mask, compiled_attention_flex,
-                                            flex_unsupported_reason, sink_correction)
+from dsgraph.kernels.attention_flex import (attention_flex, band_block_mask, flex_unsupported_reason,
+                                            sink_correction)
 from dsgraph.kernels.attention_ref import attention_ref, attention_ref_backward
 from dsgraph.testing import rewrite
 
@@ -188,7 +188,8 @@ def test_compiled_flex_forward_backward_match_the_reference_gpu(case, dtype):
     q, k, v, sink = _tensors(site, dtype=dtype, device="cuda", dim=dim, dim_v=dim_v)
     assert flex_unsupported_reason(q, k, v, scale=0.1, sink=sink, lower=lower, upper=upper) is None
     leaves = [x.clone().requires_grad_(True) for x in (q, k, v) + ((sink,) if sink is not None else ())]
-    out = compiled_attention_flex()(*leaves[:3], leaves[3] if sink is not None else None, 0.1, lower, upper)
+    compiled = torch.compile(attention_flex, dynamic=False, fullgraph=True)  # as the pass's graph runs it
+    out = compiled(*leaves[:3], leaves[3] if sink is not None else None, 0.1, lower, upper)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, dout)
     band = dict(scale=0.1, sink=sink, lower=lower, upper=upper)

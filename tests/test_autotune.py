@@ -204,3 +204,27 @@ def test_timing_inputs_have_the_sites_layout():
         assert (real.shape, real.stride(), real.dtype) == (fake.shape, fake.stride(), fake.dtype)
         assert real.requires_grad == fake.dtype.is_floating_point
     assert not autotune._materialize(torch.randn(3), requires_grad=False).requires_grad
+
+
+def test_runners_are_timed_compiled_with_their_gradients_past_dynamos_recompile_limit():
+    """What autotune times is the runner compiled alone (the graph's per-call CPU cost included): it
+    computes the runner's gradients, and every (shape, grad mode) is compiled, past Dynamo's default
+    limit of 8 entries per code object (beyond it the runner would silently run uncompiled)."""
+    from torch._dynamo.utils import counters
+
+    from dsgraph.registry import kernel
+    run = kernel("attention", "torch").run
+    real = {name: autotune._materialize(v, requires_grad=True) for name, v in _causal_site().items()}
+    with autotune.compiling_runners():
+        grads = autotune.timing_step(run, real, requires_grad=True)()
+    leaves = [real[name] for name in ("q", "k", "v")]
+    expected = torch.autograd.grad(run(**real).sum(), leaves)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+    compiled_before = counters["stats"]["unique_graphs"]
+    shapes = range(9, 9 + 10)  # 10 > Dynamo's default recompile_limit
+    with autotune.compiling_runners():
+        for seq in shapes:
+            site = {name: autotune._materialize(v, requires_grad=False) for name, v in _causal_site(seq).items()}
+            autotune.timing_step(run, site, requires_grad=False)()
+    assert counters["stats"]["unique_graphs"] - compiled_before == len(shapes)

@@ -12,7 +12,6 @@ takes the lse gradient.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -108,12 +107,6 @@ def attention_flex(q: Tensor, k: Tensor, v: Tensor, sink: Optional[Tensor], scal
     out, aux = flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa,
                               return_aux=AuxRequest(lse=True))
     return sink_correction(out, aux.lse, sink)[0]
-
-
-@functools.lru_cache(maxsize=None)
-def compiled_attention_flex():
-    """:func:`attention_flex` compiled alone (fused kernels): what autotune times for ``flex``."""
-    return torch.compile(attention_flex, dynamic=False, fullgraph=True)
 
 
 def attention_flex_op(q, k, v, *, scale, sink=None, bias=None, lower=None, upper=None, topk=None):

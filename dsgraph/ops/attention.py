@@ -159,8 +159,8 @@ def _sdpa_run(q, k, v, *, bias=None, **kw):
 
 
 def _flex_run(q, k, v, *, scale, sink=None, lower=None, upper=None, **_):
-    from ..kernels.attention_flex import compiled_attention_flex
-    return compiled_attention_flex()(q, k, v, sink, scale, lower, upper)
+    from ..kernels.attention_flex import attention_flex
+    return attention_flex(q, k, v, sink, scale, lower, upper)
 
 
 register_kernel(KernelImpl("attention", "torch", _torch_forward, _torch_backward,
