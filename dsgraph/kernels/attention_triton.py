@@ -120,16 +120,11 @@ def _fwd_step(acc, m_i, l_i, q, k_base, v_base, bias_base, n0, offs_m, offs_d, o
     return acc, m_new, l_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)
 @triton.jit
-def _fwd_kernel(Q, K, V, SINK, BIAS, OUT, LSE,
-                sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                sbb, sbh, sbm, sbn, sob, soh, som, sod,
-                Hq, G, S, T, qk_scale, lower, upper, S_KEY, T_KEY, W_KEY,
-                D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-                HAS_SINK: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Last query block first: under a causal band it is the longest, which shortens the tail.
+def _query_tile(Q, sqb, sqh, sqm, sqd, Hq, G, S, D: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+                BLOCK_M: tl.constexpr):
+    """A query-block program's batch, query head, kv head, first row, offsets and q tile. The last
+    query block runs first: under a causal band it is the longest, which shortens the tail."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)
@@ -142,6 +137,20 @@ def _fwd_kernel(Q, K, V, SINK, BIAS, OUT, LSE,
     offs_dv = tl.arange(0, DV_PAD)
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
                 mask=(offs_m[:, None] < S) & (offs_d[None, :] < D), other=0.0)
+    return b, h, kvh, m0, offs_m, offs_d, offs_dv, q
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)
+@triton.jit
+def _fwd_kernel(Q, K, V, SINK, BIAS, OUT, LSE,
+                sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                sbb, sbh, sbm, sbn, sob, soh, som, sod,
+                Hq, G, S, T, qk_scale, lower, upper, S_KEY, T_KEY, W_KEY,
+                D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+                HAS_SINK: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    b, h, kvh, m0, offs_m, offs_d, offs_dv, q = _query_tile(Q, sqb, sqh, sqm, sqd, Hq, G, S, D, D_PAD, DV_PAD,
+                                                            BLOCK_M)
     k_base = K + b * skb + kvh * skh
     v_base = V + b * svb + kvh * svh
     bias_base = BIAS + b * sbb + h * sbh
@@ -171,7 +180,7 @@ def _fwd_kernel(Q, K, V, SINK, BIAS, OUT, LSE,
     row_ok = offs_m < S
     tl.store(OUT + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod,
              out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
-    tl.store(LSE + pid_bh.to(tl.int64) * S + offs_m, (m_i + tl.math.log2(l_i)) * LN2, mask=row_ok)
+    tl.store(LSE + tl.program_id(1).to(tl.int64) * S + offs_m, (m_i + tl.math.log2(l_i)) * LN2, mask=row_ok)
 
 
 @triton.jit
@@ -300,21 +309,11 @@ def _bwd_dq_kernel(Q, K, V, BIAS, DOUT, LSE2, DELTA, DQ,
                    D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
                    HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // Hq).to(tl.int64)
-    h = pid_bh % Hq
-    kvh = (h // G).to(tl.int64)
-    h = h.to(tl.int64)
-    m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
-    offs_dv = tl.arange(0, DV_PAD)
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=(offs_m[:, None] < S) & (offs_d[None, :] < D), other=0.0)
+    b, h, kvh, m0, offs_m, offs_d, offs_dv, q = _query_tile(Q, sqb, sqh, sqm, sqd, Hq, G, S, D, D_PAD, DV_PAD,
+                                                            BLOCK_M)
     do = tl.load(DOUT + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_dv[None, :] * sdd,
                 mask=(offs_m[:, None] < S) & (offs_dv[None, :] < DV), other=0.0)
-    row = pid_bh.to(tl.int64) * S + offs_m
+    row = tl.program_id(1).to(tl.int64) * S + offs_m  # (b, h) row of lse2 and delta
     lse2 = tl.load(LSE2 + row, mask=offs_m < S, other=float("inf"))
     delta = tl.load(DELTA + row, mask=offs_m < S, other=0.0)
     k_base = K + b * skb + kvh * skh
