@@ -85,6 +85,9 @@ def main():
         print(f"max |optimized - eager| on real tokens: {(out - ref)[valid].abs().max().item():.2e}")
         print(f"eager {timed(block, x, attention_mask):.2f} ms, "
               f"dsgraph {timed(optimized, x, attention_mask):.2f} ms per call")
+        if device == "cpu":
+            print("(on a CPU the attention site runs dsgraph's chunked torch reference, as the report says: "
+                  "the fused kernels need a GPU; benchmarks/RESULTS.md has the GPU timings)")
 
 
 if __name__ == "__main__":
