@@ -1,6 +1,5 @@
 """DeepSeek V3.2 reference model (models/deepseek_v32.py): semantics, API and checkpoints on CPU."""
 import functools
-import json
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from hypothesis import strategies as st
 import dsgraph.models.deepseek_v32 as dsv32
 from dsgraph.models import (CheckpointError, DeepseekV32Config, DeepseekV32ForCausalLM, compute_indexer_kl_loss,
                     hadamard_transform_torch, mla_attention, mla_attention_absorbed)
+from test_models_common import assert_checkpoint_errors_name_the_keys, assert_sharded_round_trip
 
 CFG = DeepseekV32Config.tiny()
 
@@ -371,19 +371,7 @@ def test_official_names_are_the_model_names():
 def test_save_load_round_trip_sharded(tmp_path):
     model = _fresh(index_topk=3)
     model.model.layers[1].mlp.gate.e_score_correction_bias.uniform_(-0.1, 0.1)
-    model.save_pretrained(str(tmp_path), max_shard_size=64 * 1024)
-    with open(tmp_path / "model.safetensors.index.json") as f:
-        index = json.load(f)
-    shards = set(index["weight_map"].values())
-    assert len(shards) > 3 and all((tmp_path / s).exists() for s in shards)
-    assert set(index["weight_map"]) == set(model.state_dict())
-    loaded = DeepseekV32ForCausalLM.from_pretrained(str(tmp_path))
-    assert loaded.config == model.config
-    for k, v in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[k], v), k
-    assert all(p.requires_grad for p in loaded.parameters())
-    ids = _ids(2, 8)
-    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    assert_sharded_round_trip(model, DeepseekV32ForCausalLM, tmp_path, _ids(2, 8))
     dense = DeepseekV32ForCausalLM.from_pretrained(str(tmp_path),
                                                    config=DeepseekV32Config.tiny(use_sparse_attention=False))
     assert not dense.config.use_sparse_attention
@@ -434,20 +422,12 @@ def test_load_fp8_checkpoint(tmp_path, write_checkpoint):
 
 
 def test_checkpoint_errors_name_every_bad_key(tmp_path, write_checkpoint):
-    shapes = _official_shapes(CFG)
-    tensors = {k: torch.zeros(s) for k, s in shapes.items()}
-    del tensors["model.layers.1.self_attn.indexer.weights_proj.weight"]
-    tensors["model.layers.0.self_attn.indexer.wq.weight"] = torch.zeros(2, 2)
-    tensors["model.layers.1.self_attn.kv_b_proj.weight"] = torch.zeros(3, 5)
-    write_checkpoint(str(tmp_path), tensors, _official_config())
-    with pytest.raises(CheckpointError) as err:
-        DeepseekV32ForCausalLM.from_pretrained(str(tmp_path))
-    msg = str(err.value)
-    assert "missing keys (1)" in msg and "model.layers.1.self_attn.indexer.weights_proj.weight" in msg
-    assert "unexpected keys (1)" in msg and "model.layers.0.self_attn.indexer.wq.weight" in msg
-    assert "shape mismatches (1)" in msg and "model.layers.1.self_attn.kv_b_proj.weight: checkpoint (3, 5)" in msg
-    with pytest.raises(CheckpointError, match="no model.safetensors"):
-        DeepseekV32ForCausalLM.from_pretrained(str(tmp_path / "missing"), config=CFG)
+    tensors = {k: torch.zeros(s) for k, s in _official_shapes(CFG).items()}
+    assert_checkpoint_errors_name_the_keys(
+        DeepseekV32ForCausalLM, tmp_path, write_checkpoint, tensors, _official_config(), CFG,
+        missing="model.layers.1.self_attn.indexer.weights_proj.weight",
+        unexpected="model.layers.0.self_attn.indexer.wq.weight",
+        misshapen=("model.layers.1.self_attn.kv_b_proj.weight", (3, 5)))
 
 
 def test_full_size_config_matches_v32():

@@ -1,6 +1,5 @@
 """DeepSeek V4 reference model (models/deepseek_v4.py): semantics, layer types and checkpoints on CPU."""
 import functools
-import json
 
 import pytest
 import torch
@@ -10,8 +9,9 @@ from hypothesis import strategies as st
 
 import dsgraph
 import dsgraph.models.deepseek_v4 as dsv4
-from dsgraph.models import (CheckpointError, DeepseekV4Config, DeepseekV4ForCausalLM, hc_split_sinkhorn,
+from dsgraph.models import (DeepseekV4Config, DeepseekV4ForCausalLM, hc_split_sinkhorn,
                             overlap_transform, sink_attention, sinkhorn_normalize)
+from test_models_common import assert_checkpoint_errors_name_the_keys, assert_sharded_round_trip
 
 CFG = DeepseekV4Config.tiny()
 # Small ratios so that short sequences pool keys on every compressed layer (same code paths).
@@ -497,18 +497,7 @@ def test_released_names_are_the_model_names():
 def test_save_load_round_trip_sharded(tmp_path):
     model = _fresh()
     model.layers[1].ffn.gate.bias.uniform_(-0.1, 0.1)
-    model.save_pretrained(str(tmp_path), max_shard_size=64 * 1024)
-    with open(tmp_path / "model.safetensors.index.json") as f:
-        index = json.load(f)
-    shards = set(index["weight_map"].values())
-    assert len(shards) > 3 and all((tmp_path / s).exists() for s in shards)
-    assert set(index["weight_map"]) == set(model.state_dict())
-    loaded = DeepseekV4ForCausalLM.from_pretrained(str(tmp_path))
-    assert loaded.config == model.config
-    for k, v in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[k], v) and loaded.state_dict()[k].dtype == v.dtype, k
-    ids = _ids(1, 20)
-    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    assert_sharded_round_trip(model, DeepseekV4ForCausalLM, tmp_path, _ids(1, 20))
 
 
 def _released_config() -> dict:
@@ -553,18 +542,11 @@ def test_load_released_checkpoint_with_fp8_fp4_and_mtp(tmp_path, write_checkpoin
 
 def test_checkpoint_errors_name_the_keys(tmp_path, write_checkpoint):
     tensors = {k: v.clone() for k, v in _model().state_dict().items()}
-    del tensors["layers.1.attn.indexer.compressor.ape"]
-    tensors["layers.1.attn.extra.weight"] = torch.zeros(2)
-    tensors["layers.2.attn.wo_a.weight"] = torch.zeros(3, 3)
-    write_checkpoint(str(tmp_path), tensors, _released_config())
-    with pytest.raises(CheckpointError) as err:
-        DeepseekV4ForCausalLM.from_pretrained(str(tmp_path))
-    msg = str(err.value)
-    assert "missing keys (1)" in msg and "layers.1.attn.indexer.compressor.ape" in msg
-    assert "unexpected keys (1)" in msg and "layers.1.attn.extra.weight" in msg
+    msg = assert_checkpoint_errors_name_the_keys(
+        DeepseekV4ForCausalLM, tmp_path, write_checkpoint, tensors, _released_config(), CFG,
+        missing="layers.1.attn.indexer.compressor.ape", unexpected="layers.1.attn.extra.weight",
+        misshapen=("layers.2.attn.wo_a.weight", (3, 3)))
     assert "layers.2.attn.wo_a.weight: checkpoint (3, 3) vs model (32, 64)" in msg
-    with pytest.raises(CheckpointError, match="no model.safetensors"):
-        DeepseekV4ForCausalLM.from_pretrained(str(tmp_path / "nowhere"), config=CFG)
 
 
 def test_explain_lists_every_v4_rewrite_of_the_tiny_model():

@@ -1,10 +1,14 @@
-"""Shared model pieces (models/common.py) against direct formulas."""
+"""Shared model pieces (models/common.py) against direct formulas; the checkpoint round trip every
+model's tests run."""
+import json
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dsgraph.models import CheckpointError
 from dsgraph.models.common import (MLP, LayerNorm, MoE, MoEGate, RMSNorm, apply_rope_half, apply_rope_interleaved,
                            dequantize_fp8_blockwise, rope_freqs_cis, yarn_inv_freq, yarn_mscale)
 
@@ -117,3 +121,43 @@ def test_fp8_block_dequantisation():
     torch.testing.assert_close(deq, q.float() * full_scale)
     # e4m3 keeps 3 mantissa bits: relative error <= 2^-4 per element (plus subnormals near 0).
     assert bool(((deq - w).abs() <= w.abs() / 16 + full_scale * 2**-9).all())
+
+
+def assert_sharded_round_trip(model, model_class, directory, ids, max_shard_size=64 * 1024):
+    """``model.save_pretrained`` into several safetensors shards with an index, and
+    ``model_class.from_pretrained`` back: the same config, the same tensors (values and dtypes),
+    trainable parameters, the same logits on ``ids``."""
+    model.save_pretrained(str(directory), max_shard_size=max_shard_size)
+    with open(directory / "model.safetensors.index.json") as f:
+        index = json.load(f)
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 3 and all((directory / s).exists() for s in shards)
+    assert set(index["weight_map"]) == set(model.state_dict())
+    loaded = model_class.from_pretrained(str(directory))
+    assert loaded.config == model.config
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v) and loaded.state_dict()[k].dtype == v.dtype, k
+    assert all(p.requires_grad for p in loaded.parameters())
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+
+
+def assert_checkpoint_errors_name_the_keys(model_class, directory, write_checkpoint, tensors, config_json, config, *,
+                                           missing, unexpected, misshapen):
+    """A checkpoint of ``tensors`` without ``missing``, with an ``unexpected`` key and ``misshapen``
+    = (name, shape) at a wrong shape: the error names each; a directory without weights says so.
+    Returns the message."""
+    tensors = dict(tensors)
+    del tensors[missing]
+    tensors[unexpected] = torch.zeros(2, 2)
+    name, shape = misshapen
+    tensors[name] = torch.zeros(shape)
+    write_checkpoint(str(directory), tensors, config_json)
+    with pytest.raises(CheckpointError) as err:
+        model_class.from_pretrained(str(directory))
+    msg = str(err.value)
+    assert "missing keys (1)" in msg and missing in msg
+    assert "unexpected keys (1)" in msg and unexpected in msg
+    assert "shape mismatches (1)" in msg and f"{name}: checkpoint {tuple(shape)}" in msg
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        model_class.from_pretrained(str(directory / "missing"), config=config)
+    return msg

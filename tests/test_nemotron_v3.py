@@ -1,7 +1,6 @@
 """Nemotron V3 reference model (models/nemotron_v3.py): SSD, decode caches, blocks and checkpoints on CPU;
 mamba-ssm comparisons on a GPU."""
 import functools
-import json
 import logging
 import math
 import sys
@@ -13,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dsgraph.models.nemotron_v3 as nv3
-from dsgraph.models import (CheckpointError, NemotronV3Cache, NemotronV3Config, NemotronV3ForCausalLM, mamba_kernels,
+from dsgraph.models import (NemotronV3Cache, NemotronV3Config, NemotronV3ForCausalLM, mamba_kernels,
                             ssd_chunked, ssd_naive)
+from test_models_common import assert_checkpoint_errors_name_the_keys, assert_sharded_round_trip
 
 CFG = NemotronV3Config.tiny()
 
@@ -363,19 +363,7 @@ def test_official_names_are_the_model_names():
 def test_save_load_round_trip_sharded(tmp_path):
     model = _fresh()
     model.backbone.layers[3].mixer.gate.e_score_correction_bias.uniform_(-0.1, 0.1)
-    model.save_pretrained(str(tmp_path), max_shard_size=32 * 1024)
-    with open(tmp_path / "model.safetensors.index.json") as f:
-        index = json.load(f)
-    shards = set(index["weight_map"].values())
-    assert len(shards) > 3 and all((tmp_path / s).exists() for s in shards)
-    assert set(index["weight_map"]) == set(model.state_dict())
-    loaded = NemotronV3ForCausalLM.from_pretrained(str(tmp_path))
-    assert loaded.config == model.config
-    for k, v in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[k], v), k
-    assert all(p.requires_grad for p in loaded.parameters())
-    ids = _ids(2, 10)
-    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    assert_sharded_round_trip(model, NemotronV3ForCausalLM, tmp_path, _ids(2, 10), max_shard_size=32 * 1024)
     half = NemotronV3ForCausalLM.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
     assert half.lm_head.weight.dtype == torch.bfloat16
 
@@ -395,20 +383,11 @@ def test_load_checkpoint_written_under_official_names(tmp_path, write_checkpoint
 
 
 def test_checkpoint_errors_name_every_bad_key(tmp_path, write_checkpoint):
-    shapes = _official_shapes(CFG)
-    tensors = {k: torch.zeros(s) for k, s in shapes.items()}
-    del tensors["backbone.layers.0.mixer.A_log"]
-    tensors["backbone.layers.2.mixer.gate_proj.weight"] = torch.zeros(2, 2)
-    tensors["backbone.layers.4.mixer.conv1d.weight"] = torch.zeros(3, 1, 4)
-    write_checkpoint(str(tmp_path), tensors, _official_config())
-    with pytest.raises(CheckpointError) as err:
-        NemotronV3ForCausalLM.from_pretrained(str(tmp_path))
-    msg = str(err.value)
-    assert "missing keys (1)" in msg and "backbone.layers.0.mixer.A_log" in msg
-    assert "unexpected keys (1)" in msg and "backbone.layers.2.mixer.gate_proj.weight" in msg
-    assert "shape mismatches (1)" in msg and "backbone.layers.4.mixer.conv1d.weight: checkpoint (3, 1, 4)" in msg
-    with pytest.raises(CheckpointError, match="no model.safetensors"):
-        NemotronV3ForCausalLM.from_pretrained(str(tmp_path / "missing"), config=CFG)
+    tensors = {k: torch.zeros(s) for k, s in _official_shapes(CFG).items()}
+    assert_checkpoint_errors_name_the_keys(
+        NemotronV3ForCausalLM, tmp_path, write_checkpoint, tensors, _official_config(), CFG,
+        missing="backbone.layers.0.mixer.A_log", unexpected="backbone.layers.2.mixer.gate_proj.weight",
+        misshapen=("backbone.layers.4.mixer.conv1d.weight", (3, 1, 4)))
 
 
 # ------------------------------------------------------------------------------------------------
