@@ -9,9 +9,9 @@ softmax. "causal" has no window; "window+sink" a 1024-key sliding window and a p
 FlexAttention is torch.compile(flex_attention) with a block mask built once outside the timing (the
 sink as softmax(scores) * sigmoid(lse - sink)); "autotune" is dsgraph.optimize(fn, policy="autotune")
 with a fresh cache, so the choice is measured in this run (its candidates' times are printed).
-"dsgraph triton" / "dsgraph tilelang" / "dsgraph flex" force that backend for the attention site. Cells: median ms of
-triton.testing.do_bench / peak GiB allocated during one step above what was allocated before it;
-fwd+bwd is out.backward(dout) after the forward.
+"dsgraph triton" / "dsgraph tilelang" / "dsgraph flex" force that backend for the attention site. Cells: median ms
+(_harness.time_ms: 3 to 50 timed calls, about a second of them, each after an L2-evicting write) / peak GiB
+allocated during one step above what was allocated before it; fwd+bwd is out.backward(dout) after the forward.
 TFLOP/s counts the visible (unmasked) score entries only: 4*B*H*D per entry forward, 2.5x that
 backward, so every column is measured against the same useful work.
 """
@@ -24,10 +24,10 @@ import tempfile
 import time
 
 import torch
-import triton
 
 import dsgraph
-from _harness import emit, fmt_gib, fmt_ms, markdown_table, parse_bench_args, ratio, run_label  # noqa: F401 (re-exported)
+from _harness import (emit, fmt_gib, fmt_ms, free, make_step, markdown_table, parse_bench_args, ratio,  # noqa: F401
+                      run_label, time_ms)  # (some re-exported to the other benchmarks)
 
 B, HQ, HKV, D, WINDOW = 1, 32, 8, 128, 1024
 H100_BF16_PEAK = 989.0  # TFLOP/s, dense bf16 (SXM datasheet)
@@ -91,28 +91,16 @@ def visible_pairs(seq: int, window: int | None) -> int:
 
 
 def measure(fn, args, backward: bool):
+    """Median ms of one call (``_harness.time_ms``: 3 to 50 timed calls, each after an L2-evicting
+    write), None when it does not fit in memory. Also imported by other benchmarks."""
+    step = make_step(fn, args, backward)
     try:
-        if backward:
-            out = fn(*args)
-            dout = torch.randn_like(out)
-
-            def step():
-                for a in args:
-                    if isinstance(a, torch.Tensor):
-                        a.grad = None
-                fn(*args).backward(dout)
-        else:
-            def step():
-                with torch.no_grad():
-                    fn(*args)
-        step()
-        ms = triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
-        torch.cuda.synchronize()
-        return ms
+        step()  # compile / autotune outside the timing
+        return time_ms(step, torch.device("cuda"))
     except torch.OutOfMemoryError:
         return None
     finally:
-        torch.cuda.empty_cache()
+        free(torch.device("cuda"), args)
 
 
 def peak_gib(fn, args, backward: bool):
