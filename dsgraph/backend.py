@@ -69,6 +69,7 @@ def dsgraph_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, option
                    graph_id=report.graphs, requires_grad=requires_grad)
     log.info("dsgraph: graph %d: %d op(s) after rewriting, residual -> %s",
              report.graphs, len(aten_gm.graph.nodes), policy.residual)
+    _carry_dynamo_input_marks(gm, aten_gm)
     if policy.residual == "eager":
         return _recording_served(aten_gm, example_inputs, report)
     from torch._inductor import list_mode_options
@@ -77,6 +78,27 @@ def dsgraph_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, option
         mode = "reduce-overhead"
     compiled = compile_fx(aten_gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)
     return _recording_served(compiled, example_inputs, report)
+
+
+def _carry_dynamo_input_marks(dynamo_gm: fx.GraphModule, aten_gm: fx.GraphModule) -> None:
+    """Put Dynamo's marks on our re-traced graph's inputs (one per Dynamo input, in order): which are
+    parameters and buffers, whose addresses stay fixed. AOTAutograd reads them from the graph it is
+    given; without them CUDA graphs (``Policy.cudagraphs``) copied every parameter into the graph's
+    input buffers at each replay."""
+    if "dynamo_compile_id" not in dynamo_gm.meta:
+        return
+    dynamo_inputs = dynamo_gm.graph.find_nodes(op="placeholder")
+    aten_inputs = aten_gm.graph.find_nodes(op="placeholder")
+    if len(dynamo_inputs) != len(aten_inputs) or next(aten_gm.parameters(), None) is not None:
+        log.warning("dsgraph: the traced graph's inputs do not match Dynamo's; under CUDA graphs its parameters "
+                    "are copied at each replay")
+        return
+    aten_gm.meta["dynamo_compile_id"] = dynamo_gm.meta["dynamo_compile_id"]
+    aten_gm._param_name_to_source = getattr(dynamo_gm, "_param_name_to_source", {})
+    for ours, theirs in zip(aten_inputs, dynamo_inputs):
+        ours._dynamo_source = getattr(theirs, "_dynamo_source", None)
+        if "tensor_dict" in theirs.meta:
+            ours.meta["tensor_dict"] = theirs.meta["tensor_dict"]
 
 
 def _recording_served(compiled, example_inputs: Sequence[Any], report: Report):
@@ -131,6 +153,18 @@ def _shallow_copy(module: torch.nn.Module) -> torch.nn.Module:
     return clone
 
 
+def _compile_module(module: torch.nn.Module, backend) -> None:
+    """``module.compile``, except for torch.nn's own modules (``nn.Sequential``, ...): Dynamo skips
+    their frames, so their calls are traced from a frame of Dynamo's own that inlines them, as
+    ``torch.compile(module)`` does (without it the whole module would silently run eager)."""
+    from torch._dynamo import trace_rules
+    from torch._dynamo.external_utils import wrap_inline
+    if trace_rules.check(module.forward):
+        module._compiled_call_impl = torch.compile(wrap_inline(module._call_impl), backend=backend, dynamic=False)
+    else:
+        module.compile(backend=backend, dynamic=False)
+
+
 def optimize(model_or_fn: Callable, *, policy: "Policy | str" = "auto", verify: bool = False,
              passes: Optional[Sequence[Pass]] = None):
     """Compile ``model_or_fn`` with dsgraph's rewrites.
@@ -153,7 +187,7 @@ def optimize(model_or_fn: Callable, *, policy: "Policy | str" = "auto", verify: 
     backend = functools.partial(dsgraph_backend, options=options)
     if isinstance(model_or_fn, torch.nn.Module):
         module = _shallow_copy(model_or_fn)  # shares _parameters/_buffers/_modules: same state_dict
-        module.compile(backend=backend, dynamic=False)
+        _compile_module(module, backend)
         module.dsgraph_report = report
         report._parameter_names = {id(p): name for name, p in module.named_parameters()}
         return module

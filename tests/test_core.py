@@ -69,8 +69,18 @@ def test_bad_arguments_are_named():
         torch.compile(lambda x: x + 1, backend="dsgraph", options={"polcy": "auto"})(torch.ones(2))
 
 
-def test_optimize_module_trains_like_eager_through_inductor():
-    """The one end-to-end Inductor compile of the suite: forward and backward of a module."""
+def test_optimize_module_trains_like_eager_through_inductor(monkeypatch):
+    """The one end-to-end Inductor compile of the suite: forward and backward of a module. AOTAutograd
+    sees the parameters as static inputs, as Dynamo marked them (CUDA graphs then do not copy them)."""
+    import torch._functorch.aot_autograd as aot
+    static = []
+
+    def metadata(mod, *args):
+        sources, indices = original(mod, *args)
+        static.append(list(indices))
+        return sources, indices
+    original = aot._try_get_metadata_from_dynamo
+    monkeypatch.setattr(aot, "_try_get_metadata_from_dynamo", metadata)
     torch.manual_seed(0)
     model = TinyAttention()
     opt = dsgraph.optimize(model, verify=True)
@@ -92,6 +102,18 @@ def test_optimize_module_trains_like_eager_through_inductor():
     site = [r for r in report.rewrites if r.op == "attention"][0]
     assert site.verified and "GQA x2" in site.detail and "band" in site.detail
     assert "test_core.py" in site.location
+    assert [len(indices) for indices in static] == [len(list(model.parameters()))], static
+
+
+def test_optimize_compiles_torch_nn_containers():
+    """Dynamo skips the frames of torch.nn's own modules (Sequential.forward): optimize traces them
+    from a frame of its own, as torch.compile(module) does, instead of silently running eager."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.LayerNorm(32))
+    opt = dsgraph.optimize(model, policy="auto;residual=eager")
+    x = torch.randn(2, 6, 32)
+    torch.testing.assert_close(opt(x), model(x))
+    assert dsgraph.explain(opt).graphs == 1
 
 
 def test_compile_backend_with_triton_kernels(caplog):
