@@ -213,8 +213,9 @@ def compiling_runners() -> Iterator[None]:
     """
     from torch._dynamo import config as dynamo_config
     from torch._functorch import config as functorch_config
-    with functorch_config.patch(force_non_lazy_backward_lowering=True), \
-            dynamo_config.patch(recompile_limit=2 ** 20, accumulated_recompile_limit=2 ** 20):
+    limits = {name: 2 ** 20 for name in ("recompile_limit", "accumulated_recompile_limit")
+              if hasattr(dynamo_config, name)}
+    with functorch_config.patch(force_non_lazy_backward_lowering=True), dynamo_config.patch(**limits):
         yield
 
 
