@@ -209,7 +209,7 @@ def compiling_runners() -> Iterator[None]:
       which waits for Dynamo's compile lock, held by this thread (the site's graph is being compiled)
       while it waits for the backward: a deadlock.
     - Every (runner, shape, grad mode) is a compiled entry of the runner's one code object: past
-      Dynamo's default limit of 8 the runner would silently run uncompiled and be mistimed.
+      Dynamo's default limit of 8 the fullgraph compile raises and the candidate would lose as failed.
     """
     from torch._dynamo import config as dynamo_config
     from torch._functorch import config as functorch_config

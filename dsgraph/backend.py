@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import types
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -90,11 +91,15 @@ def _carry_dynamo_input_marks(dynamo_gm: fx.GraphModule, aten_gm: fx.GraphModule
     dynamo_inputs = dynamo_gm.graph.find_nodes(op="placeholder")
     aten_inputs = aten_gm.graph.find_nodes(op="placeholder")
     if len(dynamo_inputs) != len(aten_inputs) or next(aten_gm.parameters(), None) is not None:
-        log.warning("dsgraph: the traced graph's inputs do not match Dynamo's; under CUDA graphs its parameters "
-                    "are copied at each replay")
+        log.debug("dsgraph: the traced graph's inputs do not match Dynamo's: no input is marked static "
+                  "(under CUDA graphs every input is copied at each replay)")
         return
+    from torch._dynamo.source import ConstantSource
     aten_gm.meta["dynamo_compile_id"] = dynamo_gm.meta["dynamo_compile_id"]
-    aten_gm._param_name_to_source = getattr(dynamo_gm, "_param_name_to_source", {})
+    # The tensor constants make_fx lifted (``_tensor_constant0``, ...) are buffers AOTAutograd looks up
+    # by name too.
+    aten_gm._param_name_to_source = {**getattr(dynamo_gm, "_param_name_to_source", {}),
+                                     **{name: ConstantSource(name) for name, _ in aten_gm.named_buffers()}}
     for ours, theirs in zip(aten_inputs, dynamo_inputs):
         ours._dynamo_source = getattr(theirs, "_dynamo_source", None)
         if "tensor_dict" in theirs.meta:
@@ -159,7 +164,7 @@ def _compile_module(module: torch.nn.Module, backend) -> None:
     ``torch.compile(module)`` does (without it the whole module would silently run eager)."""
     from torch._dynamo import trace_rules
     from torch._dynamo.external_utils import wrap_inline
-    if trace_rules.check(module.forward):
+    if isinstance(module.forward, types.MethodType) and trace_rules.check(module.forward):
         module._compiled_call_impl = torch.compile(wrap_inline(module._call_impl), backend=backend, dynamic=False)
     else:
         module.compile(backend=backend, dynamic=False)

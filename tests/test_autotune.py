@@ -206,25 +206,39 @@ def test_timing_inputs_have_the_sites_layout():
     assert not autotune._materialize(torch.randn(3), requires_grad=False).requires_grad
 
 
-def test_runners_are_timed_compiled_with_their_gradients_past_dynamos_recompile_limit():
-    """What autotune times is the runner compiled alone (the graph's per-call CPU cost included): it
-    computes the runner's gradients, and every (shape, grad mode) is compiled, past Dynamo's default
-    limit of 8 entries per code object (beyond it the runner would silently run uncompiled)."""
+def test_runners_are_timed_compiled_with_their_gradients_past_dynamos_recompile_limit(monkeypatch):
+    """What autotune times is the runner compiled alone (the graph's per-call CPU cost included): its
+    backward is compiled with its forward (lazily, on a GPU, it compiled in autograd's device thread
+    while the compiling thread held Dynamo's compile lock: a deadlock), it computes the runner's
+    gradients, and every (shape, grad mode) is compiled, past Dynamo's default limit of 8 entries per
+    code object (beyond it the fullgraph compile raises). Lengths no other test compiles."""
+    import torch._inductor.compile_fx as compile_fx
     from torch._dynamo.utils import counters
 
     from dsgraph.registry import kernel
+    backward_compiles = []
+    compile_backward = compile_fx.compile_fx_backward
+    monkeypatch.setattr(compile_fx, "compile_fx_backward",
+                        lambda *a, **kw: backward_compiles.append(1) or compile_backward(*a, **kw))
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)  # a cache hit compiles nothing
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
     run = kernel("attention", "torch").run
-    real = {name: autotune._materialize(v, requires_grad=True) for name, v in _causal_site().items()}
-    with autotune.compiling_runners():
-        grads = autotune.timing_step(run, real, requires_grad=True)()
+    site = _causal_site(seq=100)
+    real = {name: autotune._materialize(v, requires_grad=True) for name, v in site.items()}
     leaves = [real[name] for name in ("q", "k", "v")]
+    with autotune.compiling_runners():
+        out = autotune._compiled(run)(**real)  # the forward alone
+        assert backward_compiles, "the backward was left to compile lazily"
+        grads = autotune.timing_step(run, real, requires_grad=True)()
     expected = torch.autograd.grad(run(**real).sum(), leaves)
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want)
+    del out
     compiled_before = counters["stats"]["unique_graphs"]
-    shapes = range(9, 9 + 10)  # 10 > Dynamo's default recompile_limit
+    shapes = range(101, 101 + 10)  # 10 > Dynamo's default recompile_limit
     with autotune.compiling_runners():
         for seq in shapes:
-            site = {name: autotune._materialize(v, requires_grad=False) for name, v in _causal_site(seq).items()}
+            site = {name: autotune._materialize(v, requires_grad=False)
+                    for name, v in _causal_site(seq).items()}
             autotune.timing_step(run, site, requires_grad=False)()
     assert counters["stats"]["unique_graphs"] - compiled_before == len(shapes)

@@ -107,13 +107,36 @@ def test_optimize_module_trains_like_eager_through_inductor(monkeypatch):
 
 def test_optimize_compiles_torch_nn_containers():
     """Dynamo skips the frames of torch.nn's own modules (Sequential.forward): optimize traces them
-    from a frame of its own, as torch.compile(module) does, instead of silently running eager."""
+    from a frame of its own, as torch.compile(module) does, instead of silently running eager. A
+    forward that is not a method (functools.partial, as accelerate's hooks set) is compiled as before."""
+    import functools
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 32), nn.LayerNorm(32))
     opt = dsgraph.optimize(model, policy="auto;residual=eager")
     x = torch.randn(2, 6, 32)
     torch.testing.assert_close(opt(x), model(x))
     assert dsgraph.explain(opt).graphs == 1
+    wrapped = TinyAttention()
+    wrapped.forward = functools.partial(type(wrapped).forward, wrapped)
+    opt = dsgraph.optimize(wrapped, policy="auto;residual=eager")
+    torch.testing.assert_close(opt(x), wrapped(x))
+    assert dsgraph.explain(opt).count("attention") == 1
+
+
+def test_graph_tensor_constants_compile_with_static_inputs():
+    """A tensor built in forward is a constant of the traced graph (a buffer AOTAutograd looks up by
+    name alongside Dynamo's parameter sources)."""
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(x) * torch.tensor([1.0, 2.0, 3.0, 4.0])
+    model = Scaled()
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(dsgraph.optimize(model)(x), model(x))
 
 
 def test_compile_backend_with_triton_kernels(caplog):
